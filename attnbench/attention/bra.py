@@ -1,0 +1,181 @@
+"""Bi-Level Routing Attention (BiFormer, Zhu et al., CVPR 2023).
+
+Follows the official NHWC module (``BiLevelRoutingAttention`` in the BiFormer repository)
+so that its checkpoints load and its outputs match:
+
+1. with ``auto_pad`` the input is zero-padded bottom/right to a multiple of ``n_win``
+   *before* the projection (padded tokens are then real keys, as there);
+2. one Linear ``qkv.qkv`` gives q (qk_dim), k (qk_dim), v (dim), in that order;
+3. the map is cut into n_win x n_win regions, row-major; region q and k are the means
+   of each region's q and k;
+4. region affinity (q_r * qk_dim^-0.5) k_r^T, shared by all heads; each region keeps its
+   ``topk`` most affine regions (hard routing, no gradient through it);
+5. every query attends to the tokens of its region's routed regions, scale qk_dim^-0.5;
+6. lepe, a depthwise conv of kernel ``side_dwconv`` on v over the whole map, is added;
+   the Linear ``wo`` projects; the padding is cropped off.
+
+``impl=gather`` is the paper's computation: gather the routed key/value regions into a
+topk-fold copy, then dense attention per region.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import AttentionBase, AttentionMap, check_range
+from .registry import Param, register_attention
+
+
+class QKVLinear(nn.Module):
+    """One Linear producing q, k (qk_dim each) and v (dim); named as in BiFormer."""
+
+    def __init__(self, dim: int, qk_dim: int) -> None:
+        super().__init__()
+        self.dim, self.qk_dim = dim, qk_dim
+        self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+
+
+@register_attention(
+    "bra",
+    "BiFormer bi-level routing: each n_win x n_win region attends to the tokens of its topk most affine regions",
+    [
+        Param("n_win", 7, "regions per side S", low=1),
+        Param("topk", 4, "routed regions per region k", low=1, range_text="1..n_win^2"),
+        Param("side_dwconv", 5, "lepe depthwise conv kernel (odd; 0 disables lepe)", low=0),
+        Param("qk_dim", 0, "query/key width (0 = dim)", low=0),
+        Param("auto_pad", True, "pad to a multiple of n_win before the projection, crop after"),
+        Param("impl", "gather", "gather: the official topk-fold gather, then dense attention", choices=("gather",)),
+    ],
+)
+class BiLevelRoutingAttention(AttentionBase):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        n_win: int = 7,
+        topk: int = 4,
+        side_dwconv: int = 5,
+        qk_dim: int = 0,
+        auto_pad: bool = True,
+        impl: str = "gather",
+    ) -> None:
+        super().__init__(dim, num_heads)
+        check_range("n_win", n_win, 1)
+        check_range("topk", topk, 1, n_win * n_win)
+        check_range("side_dwconv", side_dwconv, 0)
+        if side_dwconv and side_dwconv % 2 == 0:
+            raise ValueError(f"parameter 'side_dwconv' = {side_dwconv} must be odd (or 0 to disable lepe)")
+        qk_dim = qk_dim or dim
+        if qk_dim % num_heads:
+            raise ValueError(f"qk_dim = {qk_dim} must be divisible by num_heads = {num_heads}")
+        self.n_win, self.topk, self.qk_dim = n_win, topk, qk_dim
+        self.side_dwconv, self.auto_pad, self.impl = side_dwconv, auto_pad, impl
+        self.scale = qk_dim**-0.5
+        self.qkv = QKVLinear(dim, qk_dim)
+        self.wo = nn.Linear(dim, dim)
+        self.lepe = (
+            nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
+        )
+
+    # -- the stages, shared by forward and attention_map ---------------------------------
+
+    def pad(self, x: Tensor) -> Tensor:
+        H, W = x.shape[1:3]
+        S = self.n_win
+        if H % S or W % S:
+            if not self.auto_pad:
+                raise ValueError(f"bra with auto_pad=false needs H and W divisible by n_win = {S}, got {H}x{W}")
+            x = F.pad(x, (0, 0, 0, (-W) % S, 0, (-H) % S))
+        return x
+
+    def regions(self, t: Tensor) -> Tensor:
+        """(B, H, W, c) -> (B, S^2, h*w, c), regions row-major, tokens row-major inside."""
+        B, H, W, c = t.shape
+        S = self.n_win
+        return t.view(B, S, H // S, S, W // S, c).transpose(2, 3).reshape(B, S * S, (H // S) * (W // S), c)
+
+    def route(self, q: Tensor, k: Tensor) -> Tensor:
+        """Region-level routing: (B, S^2, topk) indices of each region's most affine regions."""
+        q_r, k_r = q.detach().mean(2), k.detach().mean(2)  # (B, S^2, qk_dim)
+        affinity = (q_r * self.scale) @ k_r.transpose(-2, -1)
+        return torch.topk(affinity, k=self.topk, dim=-1).indices
+
+    def lepe_term(self, v: Tensor) -> Tensor:
+        if self.lepe is None:
+            return torch.zeros_like(v)
+        return self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def heads(self, t: Tensor) -> Tensor:
+        """(..., L, m*c) -> (..., m, L, c)"""
+        return t.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)
+
+    # -- forward --------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        B, H_in, W_in, _ = x.shape
+        x = self.pad(x)
+        H, W = x.shape[1:3]
+        S = self.n_win
+        q, k, v = self.qkv(x)  # (B, H, W, c)
+        q_reg, k_reg, v_reg = self.regions(q), self.regions(k), self.regions(v)  # (B, S^2, w2, c)
+        r_idx = self.route(q_reg, k_reg)
+        out = self.token_attention_gather(q_reg, k_reg, v_reg, r_idx)  # (B, S^2, w2, dim)
+        out = out.view(B, S, S, H // S, W // S, self.dim).transpose(2, 3).reshape(B, H, W, self.dim)
+        out = self.wo(out + self.lepe_term(v))
+        return out[:, :H_in, :W_in].contiguous() if (H, W) != (H_in, W_in) else out
+
+    def token_attention_gather(self, q: Tensor, k: Tensor, v: Tensor, r_idx: Tensor) -> Tensor:
+        B, R, w2, _ = k.shape
+        idx = r_idx.view(B, R, self.topk, 1, 1)
+        k_sel = torch.gather(k.unsqueeze(1).expand(-1, R, -1, -1, -1), 2, idx.expand(-1, -1, -1, w2, k.shape[-1]))
+        v_sel = torch.gather(v.unsqueeze(1).expand(-1, R, -1, -1, -1), 2, idx.expand(-1, -1, -1, w2, v.shape[-1]))
+        k_sel = self.heads(k_sel.flatten(2, 3))  # (B, R, m, topk*w2, c)
+        v_sel = self.heads(v_sel.flatten(2, 3))
+        attn = (self.heads(q) * self.scale) @ k_sel.transpose(-2, -1)  # (B, R, m, w2, topk*w2)
+        out = attn.softmax(dim=-1) @ v_sel
+        return out.transpose(-3, -2).flatten(-2)  # (B, R, w2, dim)
+
+    # -- attention map --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
+        queries = self.check_queries(x, queries)
+        x = self.pad(x[:1])
+        _, H, W, _ = x.shape
+        S, m = self.n_win, self.num_heads
+        h, w = H // S, W // S
+        q, k, v = self.qkv(x)
+        q_reg, k_reg = self.regions(q), self.regions(k)
+        r_idx = self.route(q_reg, k_reg)[0]  # (S^2, topk)
+        # flat token id of every (region, slot) on the padded grid
+        tok = torch.arange(H * W, device=x.device).view(1, H, W, 1)
+        tok_reg = self.regions(tok)[0, :, :, 0]  # (S^2, w2)
+        weights = x.new_zeros(len(queries), m, H * W)
+        routed = []
+        for i, (y, xx) in enumerate(queries):
+            region = (y // h) * S + xx // w
+            slot = (y % h) * w + xx % w
+            keys = tok_reg[r_idx[region]].flatten()  # (topk*w2,), in the order gather uses
+            qi = self.heads(q_reg[0, region, slot : slot + 1])  # (m, 1, c)
+            ki = self.heads(k_reg[0, r_idx[region]].flatten(0, 1))  # (m, topk*w2, c)
+            probs = ((qi * self.scale) @ ki.transpose(-2, -1)).softmax(-1)[:, 0]  # (m, topk*w2)
+            weights[i].index_add_(1, keys, probs)
+            routed.append(r_idx[region].tolist())
+        values = v[0].view(H, W, m, self.dim // m).permute(2, 0, 1, 3)
+        pattern = {"regions": routed, "n_win": S, "region_size": (h, w), "padded_size": (H, W)}
+        return AttentionMap(queries, weights.view(len(queries), m, H, W), values, pattern)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, n_win={self.n_win}, topk={self.topk}, qk_dim={self.qk_dim}, "
+            f"side_dwconv={self.side_dwconv}, auto_pad={self.auto_pad}, impl={self.impl}"
+        )
