@@ -48,11 +48,13 @@ def layout_from_slots(index: Tensor, num_tokens: int, extra_mask: Tensor | None 
     real = flat < num_tokens
     inverse[flat[real]] = torch.arange(flat.numel())[real]
     pad = index == num_tokens
-    blocked = pad[:, None, :] & ~pad[:, :, None]  # (G, Lq, Lk)
-    if extra_mask is not None:
-        blocked = blocked | extra_mask
+    blocked = extra_mask
+    if bool(pad.any()):
+        blocked = pad[:, None, :] & ~pad[:, :, None]  # (G, Lq, Lk)
+        if extra_mask is not None:
+            blocked = blocked | extra_mask
     mask = None
-    if bool(blocked.any()):
+    if blocked is not None and bool(blocked.any()):
         mask = torch.zeros(blocked.shape, dtype=torch.float32).masked_fill_(blocked, float("-inf"))[:, None]
     identity = index.shape[0] == 1 and index.shape[1] == num_tokens and bool((flat == torch.arange(num_tokens)).all())
     return GroupLayout(index, inverse, mask, identity)
@@ -70,12 +72,15 @@ def round_up(n: int, m: int) -> int:
 
 
 def _to_groups(t: Tensor, layout: GroupLayout) -> Tensor:
-    """(B, N, ..., h, d) -> (B, G, ..., h, L, d), padding slots filled with zeros."""
+    """(B, N, h, d) -> (G, B*h, L, d), padding slots filled with zeros.
+
+    Groups lead and batch joins the heads so that SDPA gets 4-d inputs (its fused CPU and
+    CUDA kernels take nothing else) and a (G, 1, L, L) mask broadcasts without a copy."""
+    B, N, h, d = t.shape
     if layout.identity:
-        return t.unsqueeze(1).movedim(2, -2)
-    pad = t.new_zeros((t.shape[0], 1) + t.shape[2:])
-    t = torch.cat([t, pad], dim=1)[:, layout.index]  # (B, G, L, ..., h, d)
-    return t.movedim(2, -2)
+        return t.transpose(1, 2)  # (B, h, N, d): the batch is the group axis
+    t = torch.cat([t, t.new_zeros(B, 1, h, d)], dim=1)[:, layout.index]  # (B, G, L, h, d)
+    return t.permute(1, 0, 3, 2, 4).reshape(layout.groups, B * h, layout.size, d)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, impl: str) -> Tensor:
@@ -91,13 +96,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, i
 def grouped_attention(
     q: Tensor, k: Tensor, v: Tensor, layout: GroupLayout, bias: Tensor | None, scale: float, impl: str = "sdpa"
 ) -> Tensor:
-    """q, k, v: (B, N, h, d) -> (B, N, h, d), each query attending within its group."""
+    """q, k, v: (B, N, h, d) -> (B, N, h, d), each query attending within its group.
+    ``bias``: additive, (G or 1, h or 1, L, L)."""
     B, N, h, d = q.shape
-    qg, kg, vg = (_to_groups(t, layout) for t in (q, k, v))  # (B, G, h, L, d)
-    out = attend(qg, kg, vg, bias, scale, impl)
+    if bias is not None and not layout.identity and B > 1 and bias.shape[1] > 1:
+        bias = bias.repeat(1, B, 1, 1)  # per-head bias for every batch item in the B*h axis
+    out = attend(_to_groups(q, layout), _to_groups(k, layout), _to_groups(v, layout), bias, scale, impl)
     if layout.identity:
-        return out.squeeze(1).transpose(1, 2)
-    out = out.transpose(-3, -2).reshape(B, -1, h, v.shape[-1])  # (B, G*L, h, d)
+        return out.transpose(1, 2)
+    out = out.view(layout.groups, B, h, layout.size, -1).permute(1, 0, 3, 2, 4).reshape(B, -1, h, v.shape[-1])
     return out[:, layout.inverse]
 
 
@@ -156,21 +163,19 @@ class GroupedAttention(AttentionBase):
         raise NotImplementedError
 
     def branches(self, H: int, W: int, device: torch.device) -> list[tuple[slice, GroupLayout]]:
+        H, W = int(H), int(W)  # plain ints, also while fvcore traces
         key = (H, W, str(device))
         if key not in self._layouts:
-            built = self.build_branches(H, W)
-            self._layouts[key] = [
-                (
-                    heads,
-                    GroupLayout(
+            with torch.inference_mode(False):  # the cache must serve autograd too
+                self._layouts[key] = [
+                    (heads, GroupLayout(
                         lay.index.to(device),
                         lay.inverse.to(device),
                         None if lay.mask is None else lay.mask.to(device),
                         lay.identity,
-                    ),
-                )
-                for heads, lay in built
-            ]
+                    ))
+                    for heads, lay in self.build_branches(H, W)
+                ]
         return self._layouts[key]
 
     def learned_bias(self, branch: int) -> Tensor | None:

@@ -1,0 +1,64 @@
+"""What a run was measured on, and the machine's own dense-GEMM rate (the roofline)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .timing import time_call
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode:
+        return "unknown"
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Recorded once per run."""
+    dev = torch.device(device)
+    import fvcore
+
+    return {
+        "torch": torch.__version__,
+        "fvcore": getattr(fvcore, "__version__", "unknown"),
+        "python": platform.python_version(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "platform": platform.platform(),
+    }
+
+
+def gemm_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None, budget_s: float = 1.0) -> float:
+    """Dense square GEMM rate in GFLOP/s (2 n^3 flops per call), median of timed runs."""
+    dev = torch.device(device)
+    n = n or (8192 if dev.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    out = torch.empty(n, n, device=dev, dtype=dtype)
+    timing = time_call(lambda: torch.mm(a, b, out=out), dev, budget_s=budget_s)
+    return 2 * n**3 / (timing.median_ms * 1e-3) / 1e9

@@ -1,0 +1,124 @@
+"""Run a case in its own child process, under a memory bound and a timeout.
+
+A case that needs more memory than the bound ends as ``oom``, one that overruns as
+``timeout``, one that raises as ``error``; the caller goes on. On the CPU the bound is an
+address-space limit (RLIMIT_AS) set in the child on top of what it holds after start-up,
+so an allocation past it fails inside the child, never in the kernel's OOM killer or swap.
+On CUDA it is ``torch.cuda.set_per_process_memory_fraction``. A case whose estimated
+peak is far beyond the bound is recorded as ``oom`` without being run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import traceback
+from typing import Any
+
+import torch
+
+from .case import Case, Result, estimate_peak_bytes, run_case
+
+# a refusal without running needs the estimate to exceed the bound by this factor
+REFUSE_FACTOR = 2.0
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def available_memory_bytes(device: str = "cpu") -> int:
+    """Memory free for a case now: MemAvailable on the CPU, free GPU memory on CUDA."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+def default_mem_limit_bytes(device: str = "cpu", fraction: float = 0.7) -> int:
+    """A safe bound: a fraction of the memory that is free now."""
+    return int(available_memory_bytes(device) * fraction)
+
+
+def _vm_size_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None) -> None:
+    try:
+        device = torch.device(case.device)
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, mem_limit / total), device)
+        else:
+            torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool before the limit
+            limit = _vm_size_bytes() + mem_limit
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        result = run_case(case, budget_s=budget_s, gemm_gflops=gemm_gflops)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
+        message = f"{type(exc).__name__}: {exc}".strip()
+        oom = isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or any(w in message.lower() for w in _OOM_WORDS)
+        status = "oom" if oom else "error"
+        detail = message if oom else message + "\n" + traceback.format_exc(limit=-3)
+        result = Result.for_case(case, status=status, error=detail[-2000:])
+    conn.send(result.to_dict())
+    conn.close()
+
+
+_CONTEXT: Any = None
+
+
+def _context():
+    """A forkserver that has imported torch and attnbench once, so each case starts fast."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = mp.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["torch", "attnbench.measure.case"])
+    return _CONTEXT
+
+
+def run_isolated(
+    case: Case,
+    mem_limit_bytes: int | None = None,
+    timeout_s: float = 600.0,
+    budget_s: float = 2.0,
+    gemm_gflops: float | None = None,
+) -> Result:
+    """Measure ``case`` in a child process; never raises for the case's own failures."""
+    mem_limit = mem_limit_bytes if mem_limit_bytes is not None else default_mem_limit_bytes(case.device)
+    estimate = estimate_peak_bytes(case)
+    if estimate > REFUSE_FACTOR * mem_limit:
+        return Result.for_case(
+            case,
+            status="oom",
+            error=f"not run: estimated peak {estimate / 2**30:.1f} GiB is over {REFUSE_FACTOR:g}x "
+            f"the memory bound of {mem_limit / 2**30:.1f} GiB",
+        )
+    ctx = _context()
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, case, mem_limit, budget_s, gemm_gflops), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if parent.poll(timeout_s):
+            try:
+                return Result(**parent.recv())
+            except EOFError:
+                pass  # the child died before it could answer
+        elif proc.is_alive():
+            return Result.for_case(case, status="timeout", error=f"no result within {timeout_s:g} s; the child was killed")
+        proc.join(5)
+        code = proc.exitcode
+        if code is not None and code < 0 and -code == 9:
+            return Result.for_case(case, status="oom", error="the child was killed (SIGKILL), most likely by the OOM killer")
+        return Result.for_case(case, status="error", error=f"the child process died with exit code {code}")
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        parent.close()

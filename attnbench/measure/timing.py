@@ -1,0 +1,75 @@
+"""Latency of one call: warm-up, then repeated timed runs; median and IQR.
+
+CPU: wall clock (``time.perf_counter``) around each run; calls shorter than a millisecond
+are batched so that one sample spans about a millisecond, and the sample is their mean.
+CUDA: CUDA events around each run after warm-up, with a synchronise before reading them.
+At least ``min_runs`` samples are taken, however long a call is; then more until
+``budget_s`` of timed runs have passed (or ``max_runs``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    iqr_ms: float
+    runs: int  # samples taken
+    calls_per_run: int
+    samples_ms: list[float]
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def time_call(
+    fn: Callable[[], Any],
+    device: torch.device,
+    budget_s: float = 2.0,
+    min_runs: int = 3,
+    max_runs: int = 200,
+    warmup_runs: int = 1,
+    warmup_s: float = 0.1,
+) -> Timing:
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+
+    # warm-up: at least warmup_runs calls, and at least warmup_s of them
+    start = time.perf_counter()
+    calls = 0
+    while calls < warmup_runs or time.perf_counter() - start < warmup_s:
+        fn()
+        sync()
+        calls += 1
+    per_call = (time.perf_counter() - start) / calls
+    number = 1 if per_call >= 1e-3 else max(1, int(1e-3 / max(per_call, 1e-7)))
+
+    samples: list[float] = []
+    spent = time.perf_counter()
+    while len(samples) < min_runs or (len(samples) < max_runs and time.perf_counter() - spent < budget_s):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(number):
+                fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            samples.append(begin.elapsed_time(end) / number)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples.append((time.perf_counter() - t0) * 1e3 / number)
+    q1, median, q3 = _quartiles(samples)
+    return Timing(median, q3 - q1, len(samples), number, samples)
