@@ -1,17 +1,39 @@
-"""The `bench` command line."""
+"""The `bench` command line: composes the zoo, the measurement core, the sweep and the reports."""
 
 from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .attention import list_attentions
+from .attention import list_attentions, parse_spec
 from .attention.registry import format_value
+from .measure import check_case, check_device, environment, gemm_gflops, run_isolated
+from .measure.case import DTYPES, MODES
+from .measure.isolate import available_memory_bytes
+from .report import plot_all, summary_markdown, summary_rows
+from .report.table import COLUMNS
+from .sweep import PRESETS, ResultsStore, build_cases, case_key, preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="attnbench: what vision attention costs, and what it attends to.")
 console = Console()
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed, exit code 2."""
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(2)
 
 
 @app.callback()
@@ -21,7 +43,7 @@ def _root() -> None:
 
 @app.command("list")
 def list_command() -> None:
-    """List the attention mechanisms with their parameters, defaults and ranges."""
+    """List the attention mechanisms with their parameters, defaults and ranges, and the presets."""
     table = Table(title="attention mechanisms (spec: NAME:key=value,...)", show_lines=True)
     table.add_column("name", style="bold")
     table.add_column("description")
@@ -30,3 +52,166 @@ def list_command() -> None:
         params = "\n".join(escape(f"{p.name}={format_value(p.default)}  [{p.allowed()}]  {p.help}") for p in info.params)
         table.add_row(info.name, escape(info.description), params or "-")
     console.print(table)
+    presets = Table(title="presets (bench run --preset NAME)")
+    presets.add_column("name", style="bold")
+    presets.add_column("cases")
+    for p in PRESETS.values():
+        presets.add_row(p.name, escape(p.description))
+    console.print(presets)
+
+
+def split_methods(values: list[str]) -> list[str]:
+    """Method specs from repeated or comma-joined options: in "full,window:window_size=8,shift=4"
+    a piece with '=' and no ':' belongs to the spec before it."""
+    specs: list[str] = []
+    for value in values:
+        for piece in filter(None, (p.strip() for p in re.split(r"[,;\s]+", value))):
+            if "=" in piece and ":" not in piece:
+                if not specs:
+                    raise ValueError(f"'{piece}' in --methods names no mechanism; write NAME:{piece}")
+                specs[-1] += ("," if ":" in specs[-1] else ":") + piece
+            else:
+                specs.append(piece)
+    for spec in specs:
+        parse_spec(spec)
+    return specs
+
+
+_UNITS = {"": 2**30, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str, device: str) -> int:
+    """'8GiB', '500M', '16' (GiB) or '50%' (of the memory free now) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[a-zA-Z]*)\s*", text)
+    if not m or (m.group(2) != "%" and m.group(2).lower() not in _UNITS):
+        raise ValueError(f"--mem-limit '{text}' is not a size; use e.g. 8GiB, 500MB, 16 (GiB) or 50% (of free memory)")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit == "%":
+        if not 0 < value <= 100:
+            raise ValueError(f"--mem-limit {text} must be a percentage in (0, 100]")
+        return int(available_memory_bytes(device) * value / 100)
+    return int(value * _UNITS[unit.lower()])
+
+
+def _results_table(records: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for col in COLUMNS:
+        if col == "mechanism":
+            table.add_column(col, justify="left", no_wrap=True)
+        else:
+            table.add_column(col, justify="left" if col == "status" else "right")
+    for row in summary_rows(records):
+        table.add_row(*(escape(c) for c in row))
+    return table
+
+
+def write_reports(store: ResultsStore) -> list[Path]:
+    records = store.records()
+    env = json.loads(store.env_path.read_text()) if store.env_path.exists() else None
+    (store.folder / "summary.md").write_text(summary_markdown(records, env))
+    return [store.folder / "summary.md"] + plot_all(records, store.folder)
+
+
+@app.command("run")
+def run_command(
+    resolution: list[int] = typer.Option(None, "--resolution", "-r", help="image side in pixels; repeat for several (default: the preset's, else 1024)"),
+    stride: int = typer.Option(4, help="pixels per token: the token grid is resolution/stride a side (4 = a backbone's first stage)"),
+    dim: int = typer.Option(64, help="channels C of the feature map (64: BiFormer-T stage 1)"),
+    heads: int = typer.Option(2, help="attention heads (2: BiFormer-T stage 1)"),
+    batch: int = typer.Option(1, help="batch size"),
+    dtype: str = typer.Option("float32", help=f"one of {', '.join(DTYPES)} (the device must support it)"),
+    mode: str = typer.Option("fwd", help="fwd: inference forward; fwdbwd: forward + backward"),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when present, else cpu)"),
+    methods: list[str] = typer.Option(None, "--methods", "-m", help="mechanism names or specs, e.g. window:window_size=8,shift=4; repeat or join with commas (replaces the preset's)"),
+    preset_name: str = typer.Option("default", "--preset", help=f"case set: {', '.join(PRESETS)} (see bench list)"),
+    mem_limit: Optional[str] = typer.Option(None, help="memory bound per case, e.g. 8GiB or 50% (default: 70% of the memory free now)"),
+    timeout: float = typer.Option(600.0, help="seconds a case may take before it is killed and recorded as timeout"),
+    budget: float = typer.Option(2.0, help="seconds of timed runs per case, after warm-up (at least 3 runs are always taken)"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile each mechanism; compile time is reported apart"),
+    out: Optional[Path] = typer.Option(None, help="results folder (default: results/<date>-<device>-r<resolutions>)"),
+    resume: bool = typer.Option(False, help="continue the run in --out, skipping the cases it already holds"),
+    force: bool = typer.Option(False, help="set the results already in --out aside (into a previous-* subfolder) and start afresh"),
+) -> None:
+    """Measure every mechanism of a preset (or --methods) at each resolution; write results, a table and plots."""
+    try:
+        chosen = preset(preset_name)
+        specs = split_methods(methods) if methods else None
+        if methods is not None and methods and not specs:
+            raise UsageError("--methods is empty; give at least one mechanism")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_device(device, dtype)
+        if mode not in MODES:
+            raise ValueError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
+        resolutions = tuple(resolution) if resolution else (chosen.resolutions or (1024,))
+        for r in resolutions:
+            if r < 1 or r % stride:
+                raise ValueError(f"resolution {r} is not a positive multiple of the stride {stride}")
+        bound = parse_size(mem_limit, device) if mem_limit else None
+        fields = dict(stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode, device=device, compile=compile_)
+        cases = build_cases((lambda side: specs) if specs else chosen.specs, resolutions, **fields)
+        if not cases:
+            raise UsageError("no cases to run")
+        for case in cases:
+            check_case(case)
+    except (ValueError, UsageError) as exc:
+        fail(str(exc))
+
+    folder = out or Path("results") / f"{time.strftime('%Y-%m-%d')}-{device.replace(':', '')}-r{'-'.join(map(str, resolutions))}"
+    store = ResultsStore(folder)
+    config = {"preset": None if specs else chosen.name, "methods": specs, "resolutions": list(resolutions), **fields}
+    if store.exists():
+        old = store.config()
+        if force:
+            aside = store.set_aside()
+            console.print(f"earlier results moved to {aside}")
+        elif not resume:
+            what = "results of another configuration" if old != config else "results"
+            fail(f"{folder} already holds {what}; use --resume to continue that run or --force to set them aside")
+        elif old is not None and old != config:
+            fail(f"{folder} holds results of another configuration ({old}); --resume needs the same options, or use --out elsewhere")
+
+    done = store.done() if resume else set()
+    env = environment(device)
+    console.print(f"calibrating: dense GEMM in {dtype} on {env['device_name']} ...")
+    env["gemm_gflops"] = gemm_gflops(device, DTYPES[dtype])
+    env["mem_limit_bytes"] = bound
+    store.start(config, env)
+    todo = [c for c in cases if case_key(c) not in done]
+    console.print(
+        f"{len(cases)} cases ({len(cases) - len(todo)} already done) -> {folder}  "
+        f"[GEMM {env['gemm_gflops']:.0f} GFLOP/s, {env['threads']} threads]"
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=len(todo))
+        for case in todo:
+            progress.update(task, description=f"{case.spec} @ {case.resolution}px")
+            result = run_isolated(case, mem_limit_bytes=bound, timeout_s=timeout, budget_s=budget, gemm_gflops=env["gemm_gflops"])
+            store.append(result)
+            if result.status != "ok":
+                progress.console.print(f"  {escape(case.spec)} @ {case.resolution}px: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
+            progress.advance(task)
+    written = write_reports(store)
+    console.print(_results_table(store.records(), f"{folder} ({device}, {dtype}, {mode})"))
+    console.print("wrote " + ", ".join(p.name for p in [store.jsonl, store.csv, store.env_path, *written]))
+
+
+@app.command("plot")
+def plot_command(results: Path = typer.Argument(..., help="a results folder written by bench run")) -> None:
+    """Regenerate summary.md and the plots of a results folder from its results.jsonl."""
+    store = ResultsStore(results)
+    if not store.jsonl.exists():
+        fail(f"{results} holds no results.jsonl; give a folder written by bench run")
+    try:
+        records = store.records()
+    except ValueError as exc:
+        fail(str(exc))
+    if not records:
+        fail(f"{store.jsonl} holds no results")
+    written = write_reports(store)
+    console.print(_results_table(records, str(results)))
+    console.print("wrote " + ", ".join(p.name for p in written))

@@ -39,6 +39,7 @@ EXACT = [
     "axial:stripe=3",
     "dilated:window_size=4,dilation=2",
     "dilated:window_size=3,dilation=5",
+    "dilated:window_size=4,dilation=0",
     "bra:n_win=4,topk=4",
     "bra:n_win=7,topk=1,side_dwconv=3",
     "bra:n_win=8,topk=16,qk_dim=32,side_dwconv=0",

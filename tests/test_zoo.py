@@ -198,6 +198,7 @@ SPECS = [
     "window:window_size=4,shift=2",
     "axial:stripe=2",
     "dilated:window_size=3,dilation=2",
+    "dilated:window_size=4,dilation=0",
     "deformable:stride=2",
     "deformable:stride=3,groups=2",
     "bra:n_win=3,topk=2",
@@ -271,6 +272,14 @@ def test_map_zero_means_not_attended():
         grad = x.grad[0].abs().sum(-1)
         grad[5, 6] = 0
         assert grad[unattended].max().item() == 0.0, spec
+
+
+def test_dilation_zero_is_maxvit_grid():
+    """dilation=0 on 12x8 with k=4: tokens 3 rows and 2 columns apart, one window per residue."""
+    m = build_attention("dilated:window_size=4,dilation=0", DIM, HEADS)
+    amap = m.attention_map(rand_x(12, 8, B=1), [(1, 1)])
+    keys = sorted(amap.pattern["groups"][0][0])
+    assert keys == sorted(y * 8 + x for y in (1, 4, 7, 10) for x in (1, 3, 5, 7))
 
 
 def test_map_counts_match_patterns():

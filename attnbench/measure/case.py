@@ -198,9 +198,13 @@ def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None
             torch.cuda.synchronize(device)
         compile_s = time.perf_counter() - t0
     step = make_step(module, x, case.mode)
+    t0 = time.perf_counter()
     step()  # first call: caches, allocator, lazy init; not measured
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_s = time.perf_counter() - t0
     peak = peak_memory_bytes(step, device)
-    timing = time_call(step, device, budget_s=budget_s)
+    timing = time_call(step, device, budget_s=budget_s, per_call_s=first_s)
     gflops = 2 * MODE_MAC_FACTOR[case.mode] * macs.total / (timing.median_ms * 1e-3) / 1e9
     return Result.for_case(
         case,

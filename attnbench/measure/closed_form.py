@@ -47,7 +47,8 @@ def _axial(N, H, W, C, heads, p):
 
 def _dilated(N, H, W, C, heads, p):
     k, d = p["window_size"], p["dilation"]
-    Np = _ceil(H, k * d) * k * d * _ceil(W, k * d) * k * d
+    dy, dx = (d, d) if d else (_ceil(H, k), _ceil(W, k))  # 0: MaxViT grid
+    Np = _ceil(H, k * dy) * k * dy * _ceil(W, k * dx) * k * dx
     return 4 * N * C * C + 2 * k * k * Np * C
 
 

@@ -41,18 +41,24 @@ def time_call(
     max_runs: int = 200,
     warmup_runs: int = 1,
     warmup_s: float = 0.1,
+    per_call_s: float | None = None,
 ) -> Timing:
+    """``per_call_s``: the duration of a call the caller has already made (and so warmed
+    up with); it replaces the warm-up runs when the call takes longer than ``warmup_s``."""
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
-    # warm-up: at least warmup_runs calls, and at least warmup_s of them
-    start = time.perf_counter()
-    calls = 0
-    while calls < warmup_runs or time.perf_counter() - start < warmup_s:
-        fn()
-        sync()
-        calls += 1
-    per_call = (time.perf_counter() - start) / calls
+    if per_call_s is not None and per_call_s >= warmup_s:
+        per_call = per_call_s  # a slow call the caller has run already: no further warm-up
+    else:
+        # warm-up: at least warmup_runs calls, and at least warmup_s of them
+        start = time.perf_counter()
+        calls = 0
+        while calls < max(warmup_runs, 1) or time.perf_counter() - start < warmup_s:
+            fn()
+            sync()
+            calls += 1
+        per_call = (time.perf_counter() - start) / calls
     number = 1 if per_call >= 1e-3 else max(1, int(1e-3 / max(per_call, 1e-7)))
 
     samples: list[float] = []

@@ -1,0 +1,92 @@
+"""The summary table: one row per case, costs relative to fused full attention."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = [
+    "mechanism",
+    "tokens",
+    "GMACs",
+    "latency ms (median ± IQR)",
+    "peak MiB",
+    "speed-up vs full",
+    "memory saving vs full",
+    "status",
+]
+NOTE = (
+    "MACs: forward multiply-accumulates, 1 multiply-add = 1 MAC (fvcore's and the Swin/BiFormer "
+    "papers' unit). Latency: median and IQR of timed runs after warm-up. Peak: most MiB held by "
+    "tensors during one call beyond inputs and weights. Relative columns: fused full attention "
+    "(`full`, SDPA) at the same resolution divided by this row."
+)
+
+
+def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(records)
+    if df.empty:
+        return df
+    df["label"] = df["mechanism"] + df["params"].map(lambda p: f":{p}" if isinstance(p, str) and p else "")
+    df["tokens"] = df["height"] * df["width"]
+    return df
+
+
+def _reference(df: pd.DataFrame) -> dict[tuple, pd.Series]:
+    ref = df[(df["label"] == "full") & (df["status"] == "ok")]
+    keys = ["resolution", "dim", "heads", "batch", "dtype", "mode", "device"]
+    return {tuple(row[k] for k in keys): row for _, row in ref.iterrows()}, keys
+
+
+def _num(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    df = frame(records)
+    if df.empty:
+        return []
+    refs, keys = _reference(df)
+    rows = []
+    for _, r in df.iterrows():
+        ref = refs.get(tuple(r[k] for k in keys))
+        lat, iqr, mem, macs = (_num(r.get(c)) for c in ("latency_ms", "latency_iqr_ms", "peak_mem_mb", "macs"))
+        ok = r["status"] == "ok"
+        speed = saving = "-"
+        if ok and ref is not None and lat and mem is not None:
+            speed = f"{ref['latency_ms'] / lat:.2f}x"
+            saving = f"{ref['peak_mem_mb'] / mem:.1f}x" if mem > 0 else "-"
+        rows.append(
+            [
+                r["label"],
+                f"{r['height']}x{r['width']}",
+                f"{macs / 1e9:.3f}" if macs is not None else "-",
+                f"{lat:.2f} ± {iqr:.2f}" if ok and lat is not None else "-",
+                f"{mem:.1f}" if ok and mem is not None else "-",
+                speed,
+                saving,
+                r["status"],
+            ]
+        )
+    return rows
+
+
+def summary_markdown(records: list[dict[str, Any]], env: dict[str, Any] | None = None) -> str:
+    rows = summary_rows(records)
+    lines = []
+    if env:
+        lines.append(
+            f"Measured on {env.get('device_name', '?')} ({env.get('device', '?')}, {env.get('threads', '?')} threads), "
+            f"torch {env.get('torch', '?')}, attnbench commit {str(env.get('git_commit', '?'))[:12]}"
+            + (f", dense GEMM {env['gemm_gflops']:.0f} GFLOP/s" if env.get("gemm_gflops") else "")
+            + "."
+        )
+        lines.append("")
+    lines.append("| " + " | ".join(COLUMNS) + " |")
+    lines.append("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    lines += ["", NOTE, ""]
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Sweeps: presets of cases, and the results store that keeps every finished case.
+
+The store is a folder: ``results.jsonl`` gets one line per case the moment it finishes
+(an interrupted sweep loses nothing, and a resumed one skips what is there),
+``results.csv`` is rewritten from it after each case, ``env.json`` and ``config.json``
+say what machine and configuration produced it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .attention import parse_spec
+from .measure import RESULT_COLUMNS, Case, Result
+
+# the fields that identify a case in a results file
+KEY_FIELDS = ("mechanism", "params", "resolution", "height", "width", "dim", "heads", "batch", "dtype", "mode", "device")
+
+
+def result_key(record: dict[str, Any] | Result) -> tuple:
+    d = record.to_dict() if isinstance(record, Result) else record
+    return tuple(d[k] for k in KEY_FIELDS)
+
+
+def case_key(case: Case) -> tuple:
+    return result_key(Result.for_case(case))
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    specs: Callable[[int], list[str]]  # grid side (tokens) -> method specs
+    resolutions: tuple[int, ...] = ()  # used when the user gives none
+
+
+def _default(side: int) -> list[str]:
+    return [
+        "full",
+        "full:impl=naive",
+        "window:window_size=8",
+        "window:window_size=8,shift=4",
+        "axial:stripe=1",
+        f"dilated:window_size=8,dilation={max(1, side // 8)}",  # MaxViT grid: dilation = H / k
+        "deformable:stride=8",
+        "bra:n_win=8,topk=1",
+        "bra:n_win=8,topk=4",
+        "bra:n_win=8,topk=16",
+    ]
+
+
+def _bra_grid(side: int) -> list[str]:
+    specs = ["full", "window:window_size=8"]
+    for n_win in (4, 7, 8, 16):
+        for topk in (1, 2, 4, 8, 16):
+            if topk <= n_win * n_win:
+                specs.append(f"bra:n_win={n_win},topk={topk}")
+    return specs
+
+
+def _ci(side: int) -> list[str]:
+    return [
+        "full",
+        "full:impl=naive",
+        "window:window_size=8",
+        "window:window_size=8,shift=4",
+        "axial:stripe=1",
+        "dilated:window_size=8,dilation=2",
+        "deformable:stride=8",
+        "bra:n_win=8,topk=4",
+    ]
+
+
+PRESETS = {
+    p.name: p
+    for p in (
+        Preset("default", "every mechanism at its paper's settings, full attention fused and naive, BRA topk 1/4/16 at n_win 8", _default),
+        Preset("bra-grid", "BRA over topk {1,2,4,8,16} x n_win {4,7,8,16}, with full and window as references", _bra_grid),
+        Preset("ci", "small and fast, for the perf gate (256 px at stride 4)", _ci, (256,)),
+    )
+}
+
+
+def preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset '{name}'; known: {', '.join(PRESETS)}") from None
+
+
+def build_cases(
+    specs: Callable[[int], list[str]], resolutions: Iterable[int], **fields: Any
+) -> list[Case]:
+    """Every spec at every resolution, small resolutions first."""
+    cases = []
+    stride = fields.get("stride", 4)
+    for res in sorted(set(resolutions)):
+        for spec in specs(res // stride):
+            parse_spec(spec)  # fails early on a bad spec
+            cases.append(Case(spec=spec, resolution=res, **fields))
+    return cases
+
+
+class ResultsStore:
+    """A results folder, written case by case."""
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self.jsonl = self.folder / "results.jsonl"
+        self.csv = self.folder / "results.csv"
+        self.config_path = self.folder / "config.json"
+        self.env_path = self.folder / "env.json"
+
+    def exists(self) -> bool:
+        return self.jsonl.exists() or self.config_path.exists()
+
+    def records(self) -> list[dict[str, Any]]:
+        """The finished cases. A last line cut short by an interrupt is not one of them."""
+        if not self.jsonl.exists():
+            return []
+        lines = self.jsonl.read_text().splitlines()
+        out = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):
+                    continue
+                raise ValueError(f"{self.jsonl}:{n} is not valid JSON") from None
+            if not isinstance(record, dict) or not set(KEY_FIELDS) <= set(record):
+                raise ValueError(f"{self.jsonl}:{n} is not a result record (it lacks {', '.join(KEY_FIELDS)})")
+            out.append(record)
+        return out
+
+    def repair(self) -> None:
+        """Cut off a last line left incomplete by an interrupt (kept in results.jsonl.partial)."""
+        if not self.jsonl.exists():
+            return
+        text = self.jsonl.read_text()
+        if not text or text.endswith("\n"):
+            return
+        head, _, tail = text.rpartition("\n")
+        (self.folder / "results.jsonl.partial").write_text(tail + "\n")
+        self.jsonl.write_text(head + "\n" if head else "")
+
+    def done(self) -> set[tuple]:
+        return {result_key(r) for r in self.records()}
+
+    def config(self) -> dict[str, Any] | None:
+        return json.loads(self.config_path.read_text()) if self.config_path.exists() else None
+
+    def start(self, config: dict[str, Any], env: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps(config, indent=2) + "\n")
+        self.env_path.write_text(json.dumps(env, indent=2) + "\n")
+
+    def set_aside(self) -> Path:
+        """Move what the folder holds into a dated subfolder (for --force): nothing is lost."""
+        backup = self.folder / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        backup.mkdir()
+        for path in self.folder.iterdir():
+            if path.is_file():
+                shutil.move(str(path), backup / path.name)
+        return backup
+
+    def append(self, result: Result) -> None:
+        self.repair()
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(result.to_dict()) + "\n")
+            f.flush()
+        self.write_csv()
+
+    def write_csv(self) -> None:
+        tmp = self.csv.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.records())
+        tmp.replace(self.csv)
