@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +25,8 @@ from .report.table import COLUMNS
 from .sweep import PRESETS, ResultsStore, build_cases, case_key, preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="attnbench: what vision attention costs, and what it attends to.")
-console = Console()
+# piped output (a log, CI) gets room for the results table instead of the default 80 columns
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 class UsageError(Exception):
