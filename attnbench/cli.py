@@ -21,6 +21,7 @@ from .measure import check_case, check_device, environment, gemm_gflops, run_iso
 from .measure.case import DTYPES, MODES
 from .measure.isolate import available_memory_bytes
 from .report import plot_all, summary_markdown, summary_rows
+from .report.compare import compare_runs, gate_failed, load_results
 from .report.table import COLUMNS
 from .sweep import PRESETS, ResultsStore, build_cases, case_key, preset
 
@@ -217,3 +218,38 @@ def plot_command(results: Path = typer.Argument(..., help="a results folder writ
     written = write_reports(store)
     console.print(_results_table(records, str(results)))
     console.print("wrote " + ", ".join(p.name for p in written))
+
+
+@app.command("compare")
+def compare_command(
+    baseline: Path = typer.Argument(..., help="baseline results: a folder written by bench run, or its results.jsonl/.csv"),
+    current: Path = typer.Argument(..., help="current results, the same way"),
+    latency_tol: float = typer.Option(0.25, help="relative growth of normalised latency that fails (0.25 = 25%)"),
+    latency_floor: float = typer.Option(1.0, help="ms: a latency growth smaller than this never fails (sub-ms noise)"),
+    mem_tol: float = typer.Option(0.02, help="relative growth of peak memory that fails (0.02 = 2%)"),
+    accept_flops: bool = typer.Option(False, "--accept-flops", help="report MAC changes without failing on them"),
+) -> None:
+    """The perf gate: Better / Same / Worse per case; exit 1 on a regression, 2 on unusable input."""
+    for name, value in (("--latency-tol", latency_tol), ("--latency-floor", latency_floor), ("--mem-tol", mem_tol)):
+        if value < 0:
+            fail(f"{name} = {value} must be >= 0")
+    try:
+        base, cur = load_results(baseline), load_results(current)
+    except ValueError as exc:
+        fail(str(exc))
+    rows = compare_runs(base, cur, latency_tol, latency_floor, mem_tol, accept_flops)
+    table = Table(title=f"{base.source} -> {cur.source}")
+    table.add_column("case", no_wrap=True)
+    table.add_column("verdict")
+    table.add_column("what changed")
+    style = {"Worse": "red", "Better": "green", "Same": "", "New": "cyan", "Missing": "yellow"}
+    for row in rows:
+        table.add_row(escape(row.case), f"[{style[row.verdict]}]{row.verdict}[/]" if style[row.verdict] else row.verdict,
+                      escape("; ".join(row.notes)))
+    console.print(table)
+    counts = {v: sum(r.verdict == v for r in rows) for v in style}
+    console.print(", ".join(f"{n} {v.lower()}" for v, n in counts.items() if n))
+    if gate_failed(rows):
+        console.print("[bold red]perf gate: FAILED[/]")
+        raise typer.Exit(1)
+    console.print("[bold green]perf gate: passed[/]")

@@ -143,14 +143,17 @@ class Result:
 RESULT_COLUMNS = list(Result.__dataclass_fields__)
 
 
-def macs_of(case: Case) -> MacCount:
-    """Count on the meta device when the mechanism traces there (free), else for real."""
+def macs_of(case: Case, allow_real: bool = True) -> MacCount | None:
+    """Count on the meta device when the mechanism traces there (free), else for real
+    (one forward on the CPU), or None when that is not allowed."""
     x_shape = (case.batch, case.height, case.width, case.dim)
     try:
         with torch.device("meta"):
             module = build_attention(case.spec, case.dim, case.heads)
-            return count_macs(module, torch.empty(x_shape))
+        return count_macs(module, torch.empty(x_shape, device="meta"))
     except (TypeError, RuntimeError, NotImplementedError):
+        if not allow_real:
+            return None
         module = build_attention(case.spec, case.dim, case.heads)
         return count_macs(module, torch.randn(x_shape))
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .case import Case, Result, estimate_peak_bytes, run_case
+from .case import Case, Result, estimate_peak_bytes, macs_of, run_case
 
 # a refusal without running needs the estimate to exceed the bound by this factor
 REFUSE_FACTOR = 2.0
@@ -65,9 +65,19 @@ def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float
         oom = isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or any(w in message.lower() for w in _OOM_WORDS)
         status = "oom" if oom else "error"
         detail = message if oom else message + "\n" + traceback.format_exc(limit=-3)
-        result = Result.for_case(case, status=status, error=detail[-2000:])
+        result = _failed(case, status, detail[-2000:])
     conn.send(result.to_dict())
     conn.close()
+
+
+def _failed(case: Case, status: str, error: str) -> Result:
+    """A result without measurements; MACs still filled in where counting is free."""
+    try:
+        macs = macs_of(case, allow_real=False)
+    except Exception:  # noqa: BLE001 - a count is a nicety here
+        macs = None
+    fields = dict(macs=macs.total, uncounted_ops=macs.uncounted_text()) if macs else {}
+    return Result.for_case(case, status=status, error=error, **fields)
 
 
 _CONTEXT: Any = None
@@ -93,10 +103,10 @@ def run_isolated(
     mem_limit = mem_limit_bytes if mem_limit_bytes is not None else default_mem_limit_bytes(case.device)
     estimate = estimate_peak_bytes(case)
     if estimate > REFUSE_FACTOR * mem_limit:
-        return Result.for_case(
+        return _failed(
             case,
-            status="oom",
-            error=f"not run: estimated peak {estimate / 2**30:.1f} GiB is over {REFUSE_FACTOR:g}x "
+            "oom",
+            f"not run: estimated peak {estimate / 2**30:.1f} GiB is over {REFUSE_FACTOR:g}x "
             f"the memory bound of {mem_limit / 2**30:.1f} GiB",
         )
     ctx = _context()
@@ -111,12 +121,12 @@ def run_isolated(
             except EOFError:
                 pass  # the child died before it could answer
         elif proc.is_alive():
-            return Result.for_case(case, status="timeout", error=f"no result within {timeout_s:g} s; the child was killed")
+            return _failed(case, "timeout", f"no result within {timeout_s:g} s; the child was killed")
         proc.join(5)
         code = proc.exitcode
         if code is not None and code < 0 and -code == 9:
-            return Result.for_case(case, status="oom", error="the child was killed (SIGKILL), most likely by the OOM killer")
-        return Result.for_case(case, status="error", error=f"the child process died with exit code {code}")
+            return _failed(case, "oom", "the child was killed (SIGKILL), most likely by the OOM killer")
+        return _failed(case, "error", f"the child process died with exit code {code}")
     finally:
         if proc.is_alive():
             proc.kill()

@@ -97,6 +97,10 @@ def plot_frontier(df: pd.DataFrame, out: Path) -> list[Path]:
     ax.set_xlabel("peak memory (MiB)")
     ax.set_ylabel("latency (ms)")
     ax.grid(True, which="both", alpha=0.3)
+    failed = df[(df["resolution"] == res) & (df["status"] != "ok")]
+    if not failed.empty:
+        text = "not measured: " + ", ".join(f"{r['label']} ({r['status']})" for _, r in failed.iterrows())
+        fig.text(0.01, -0.02, text, fontsize=8, ha="left", va="top", wrap=True)
     side = int(at["height"].iloc[0])
     ax.set_title(_title(df, f"cost frontier at {res} px ({side}x{side} tokens)"), fontsize=10)
     return _save(fig, out, "frontier")

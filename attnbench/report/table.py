@@ -56,8 +56,8 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
         ok = r["status"] == "ok"
         speed = saving = "-"
         if ok and ref is not None and lat and mem is not None:
-            speed = f"{ref['latency_ms'] / lat:.2f}x"
-            saving = f"{ref['peak_mem_mb'] / mem:.1f}x" if mem > 0 else "-"
+            speed = f"{ref['latency_ms'] / lat:.3g}x"
+            saving = f"{ref['peak_mem_mb'] / mem:.2g}x" if mem > 0 else "-"
         rows.append(
             [
                 r["label"],

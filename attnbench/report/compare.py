@@ -1,0 +1,177 @@
+"""The perf gate: compare two result sets case by case.
+
+- MACs do not depend on the machine: any change is reported, and fails unless accepted.
+- Peak memory barely does: it may grow by at most ``mem_tol``.
+- Latency does, so it is compared as a ratio to a reference measured in the same run:
+  fused full attention at the same shape, or, for that case itself and where it is
+  missing, the run's calibration GEMM. A machine that is uniformly slower moves the case
+  and its reference together and does not fail; a case fails only when its normalised
+  latency grows past ``latency_tol`` *and* that growth, in the current run's
+  milliseconds, is over ``floor_ms``.
+- A case that was ``ok`` and is now ``oom``, ``timeout`` or ``error`` fails.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+KEY = ("mechanism", "params", "resolution", "height", "width", "dim", "heads", "batch", "dtype", "mode", "device")
+SHAPE = ("resolution", "height", "width", "dim", "heads", "batch", "dtype", "mode", "device")
+NEEDED = set(KEY) | {"macs", "latency_ms", "peak_mem_mb", "status"}
+
+
+@dataclass
+class RunResults:
+    records: list[dict[str, Any]]
+    gemm_gflops: float | None
+    source: Path
+
+
+def load_results(path: Path | str) -> RunResults:
+    """A results folder (results.jsonl, env.json) or a results .jsonl / .csv file.
+    Raises ValueError when it cannot be used."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        candidates = [path / "results.jsonl", path / "results.csv"]
+        path = next((p for p in candidates if p.exists()), candidates[0])
+    if not path.exists():
+        raise ValueError(f"{path} does not exist; give a results folder or a results.jsonl / results.csv file")
+    try:
+        if path.suffix == ".csv":
+            records = pd.read_csv(path, keep_default_na=False).to_dict("records")
+        else:
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read as results: {exc}") from None
+    if not records:
+        raise ValueError(f"{path} holds no results")
+    for n, r in enumerate(records, 1):
+        if not isinstance(r, dict) or not NEEDED <= set(r):
+            missing = sorted(NEEDED - set(r)) if isinstance(r, dict) else sorted(NEEDED)
+            raise ValueError(f"{path}: record {n} is not a result record (missing {', '.join(missing)})")
+        r["params"] = "" if r["params"] is None else str(r["params"])
+    gemm = None
+    env = folder / "env.json"
+    if env.exists():
+        try:
+            gemm = json.loads(env.read_text()).get("gemm_gflops")
+        except json.JSONDecodeError:
+            raise ValueError(f"{env} is not valid JSON") from None
+    return RunResults(records, gemm, path)
+
+
+def _num(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if v != v else v
+
+
+@dataclass
+class Row:
+    case: str
+    verdict: str  # Better | Same | Worse | New | Missing
+    notes: list[str] = field(default_factory=list)
+    fails: bool = False
+
+
+def _references(run: RunResults) -> dict[tuple, float]:
+    return {
+        tuple(r[k] for k in SHAPE): _num(r["latency_ms"])
+        for r in run.records
+        if r["mechanism"] == "full" and r["params"] == "" and r["status"] == "ok" and _num(r["latency_ms"])
+    }
+
+
+def _label(r: dict[str, Any]) -> str:
+    spec = r["mechanism"] + (f":{r['params']}" if r["params"] else "")
+    return f"{spec} @ {r['resolution']}px {r['dtype']} {r['mode']} {r['device']}"
+
+
+def compare_runs(
+    base: RunResults,
+    cur: RunResults,
+    latency_tol: float = 0.25,
+    floor_ms: float = 1.0,
+    mem_tol: float = 0.02,
+    accept_flops: bool = False,
+) -> list[Row]:
+    base_by = {tuple(r[k] for k in KEY): r for r in base.records}
+    cur_by = {tuple(r[k] for k in KEY): r for r in cur.records}
+    base_ref, cur_ref = _references(base), _references(cur)
+    rows = []
+    for key, c in cur_by.items():
+        b = base_by.get(key)
+        if b is None:
+            rows.append(Row(_label(c), "New", ["not in the baseline"]))
+            continue
+        row = Row(_label(c), "Same")
+        worse = better = False
+        if b["status"] == "ok" and c["status"] != "ok":
+            row.notes.append(f"was ok, now {c['status']}: {str(c.get('error', ''))[:120]}")
+            row.fails = worse = True
+        elif b["status"] != "ok" and c["status"] == "ok":
+            row.notes.append(f"was {b['status']}, now ok")
+            better = True
+        if b["status"] == "ok" and c["status"] == "ok":
+            bm, cm = _num(b["macs"]), _num(c["macs"])
+            if bm != cm:
+                row.notes.append(f"MACs {bm:.0f} -> {cm:.0f}" + (" (accepted)" if accept_flops else ""))
+                row.fails |= not accept_flops
+                worse |= not accept_flops
+            bp, cp = _num(b["peak_mem_mb"]), _num(c["peak_mem_mb"])
+            if bp is not None and cp is not None:
+                if cp > bp * (1 + mem_tol) and cp - bp > 1e-6:
+                    row.notes.append(f"peak {bp:.2f} -> {cp:.2f} MiB (+{(cp / bp - 1) * 100 if bp else float('inf'):.1f}%)")
+                    row.fails = worse = True
+                elif cp < bp * (1 - mem_tol):
+                    row.notes.append(f"peak {bp:.2f} -> {cp:.2f} MiB")
+                    better = True
+            verdict = _latency(b, c, key, base_ref, cur_ref, base.gemm_gflops, cur.gemm_gflops, latency_tol, floor_ms)
+            if verdict:
+                note, sign = verdict
+                row.notes.append(note)
+                if sign > 0:
+                    row.fails = worse = True
+                elif sign < 0:
+                    better = True
+        row.verdict = "Worse" if worse else "Better" if better else "Same"
+        rows.append(row)
+    for key, b in base_by.items():
+        if key not in cur_by:
+            rows.append(Row(_label(b), "Missing", ["in the baseline only"]))
+    return rows
+
+
+def _latency(b, c, key, base_ref, cur_ref, base_gemm, cur_gemm, tol, floor_ms):
+    """(note, +1 worse / -1 better / 0 same), or None when latency cannot be compared."""
+    bl, cl = _num(b["latency_ms"]), _num(c["latency_ms"])
+    if not bl or not cl:
+        return None
+    shape = tuple(c[k] for k in SHAPE)
+    is_ref = c["mechanism"] == "full" and c["params"] == ""
+    if not is_ref and shape in base_ref and shape in cur_ref:
+        scale, against = cur_ref[shape] / base_ref[shape], "full attention"
+    elif base_gemm and cur_gemm:
+        scale, against = base_gemm / cur_gemm, "the calibration GEMM"  # a slower machine has a lower rate
+    else:
+        return (f"latency {bl:.2f} -> {cl:.2f} ms, not compared (no reference in both runs)", 0)
+    expected = bl * scale  # the baseline's latency moved to this run's machine speed
+    change = cl / expected - 1
+    note = f"latency {cl:.2f} ms vs {expected:.2f} expected ({change:+.0%} relative to {against})"
+    if change > tol and cl - expected > floor_ms:
+        return note, 1
+    if change < -tol and expected - cl > floor_ms:
+        return note, -1
+    return (note, 0) if abs(change) > tol else None
+
+
+def gate_failed(rows: list[Row]) -> bool:
+    return any(r.fails for r in rows)
