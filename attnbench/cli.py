@@ -21,7 +21,7 @@ from .measure import check_case, check_device, environment, gemm_gflops, run_iso
 from .measure.case import DTYPES, MODES
 from .measure.isolate import available_memory_bytes
 from .report import plot_all, summary_markdown, summary_rows
-from .report.compare import compare_runs, gate_failed, load_results
+from .report.compare import compare_runs, environment_differences, gate_failed, load_results
 from .report.table import COLUMNS
 from .sweep import PRESETS, ResultsStore, build_cases, case_key, preset
 
@@ -132,6 +132,7 @@ def run_command(
     timeout: float = typer.Option(600.0, help="seconds a case may take before it is killed and recorded as timeout"),
     budget: float = typer.Option(2.0, help="seconds of timed runs per case, after warm-up (at least 3 runs are always taken)"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile each mechanism; compile time is reported apart"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch in every case and the calibration GEMM (default: the preset's, else torch's)"),
     out: Optional[Path] = typer.Option(None, help="results folder (default: results/<date>-<device>-r<resolutions>)"),
     resume: bool = typer.Option(False, help="continue the run in --out, skipping the cases it already holds"),
     force: bool = typer.Option(False, help="set the results already in --out aside (into a previous-* subfolder) and start afresh"),
@@ -150,11 +151,13 @@ def run_command(
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
         resolutions = tuple(resolution) if resolution else (chosen.resolutions or (1024,))
+        threads = chosen.threads if threads is None else threads
         for r in resolutions:
             if r < 1 or r % stride:
                 raise ValueError(f"resolution {r} is not a positive multiple of the stride {stride}")
         bound = parse_size(mem_limit, device) if mem_limit else None
-        fields = dict(stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode, device=device, compile=compile_)
+        fields = dict(stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode, device=device,
+                      compile=compile_, threads=threads)
         cases = build_cases((lambda side: specs) if specs else chosen.specs, resolutions, **fields)
         if not cases:
             raise UsageError("no cases to run")
@@ -178,6 +181,10 @@ def run_command(
             fail(f"{folder} holds results of another configuration ({old}); --resume needs the same options, or use --out elsewhere")
 
     done = store.done() if resume else set()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     env = environment(device)
     console.print(f"calibrating: dense GEMM in {dtype} on {env['device_name']} ...")
     env["gemm_gflops"] = gemm_gflops(device, DTYPES[dtype])
@@ -238,6 +245,8 @@ def compare_command(
     except ValueError as exc:
         fail(str(exc))
     rows = compare_runs(base, cur, latency_tol, latency_floor, mem_tol, accept_flops)
+    for difference in environment_differences(base, cur):
+        console.print(f"[yellow]note:[/] the runs differ in {escape(difference)}; latency is normalised, memory may differ")
     table = Table(title=f"{base.source} -> {cur.source}")
     table.add_column("case", no_wrap=True)
     table.add_column("verdict")

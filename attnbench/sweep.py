@@ -38,6 +38,7 @@ class Preset:
     description: str
     specs: Callable[[int], list[str]]  # grid side (tokens) -> method specs
     resolutions: tuple[int, ...] = ()  # used when the user gives none
+    threads: int = 0  # used when the user gives none (0: torch's default)
 
 
 def _default(side: int) -> list[str]:
@@ -82,7 +83,8 @@ PRESETS = {
     for p in (
         Preset("default", "every mechanism at its paper's settings, full attention fused and naive, BRA topk 1/4/16 at n_win 8", _default),
         Preset("bra-grid", "BRA over topk {1,2,4,8,16} x n_win {4,7,8,16}, with full and window as references", _bra_grid),
-        Preset("ci", "small and fast, for the perf gate (256 px at stride 4)", _ci, (256,)),
+        # one thread: on a shared 2-core machine it halves the run-to-run spread of the timings
+        Preset("ci", "small and fast, for the perf gate (512 px at stride 4, one thread)", _ci, (512,), threads=1),
     )
 }
 

@@ -34,6 +34,7 @@ class Case:
     mode: str = "fwd"
     device: str = "cpu"
     compile: bool = False
+    threads: int = 0  # CPU threads for torch (0: torch's default)
 
     @property
     def mechanism(self) -> str:
@@ -82,6 +83,8 @@ def check_case(case: Case) -> None:
     check_device(case.device, case.dtype)
     if case.mode not in MODES:
         raise ValueError(f"unknown mode '{case.mode}'; use one of {', '.join(MODES)}")
+    if case.threads < 0:
+        raise ValueError(f"threads = {case.threads} must be >= 0 (0: torch's default)")
     for name in ("resolution", "stride", "batch"):
         if getattr(case, name) < 1:
             raise ValueError(f"{name} = {getattr(case, name)} must be >= 1")
@@ -186,6 +189,8 @@ def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None
     runner turns those into statuses."""
     check_case(case)
     device = check_device(case.device, case.dtype)
+    if case.threads:
+        torch.set_num_threads(case.threads)
     dtype = DTYPES[case.dtype]
     macs = macs_of(case)
 

@@ -28,8 +28,12 @@ NEEDED = set(KEY) | {"macs", "latency_ms", "peak_mem_mb", "status"}
 @dataclass
 class RunResults:
     records: list[dict[str, Any]]
-    gemm_gflops: float | None
+    env: dict[str, Any]
     source: Path
+
+    @property
+    def gemm_gflops(self) -> float | None:
+        return self.env.get("gemm_gflops")
 
 
 def load_results(path: Path | str) -> RunResults:
@@ -56,14 +60,24 @@ def load_results(path: Path | str) -> RunResults:
             missing = sorted(NEEDED - set(r)) if isinstance(r, dict) else sorted(NEEDED)
             raise ValueError(f"{path}: record {n} is not a result record (missing {', '.join(missing)})")
         r["params"] = "" if r["params"] is None else str(r["params"])
-    gemm = None
-    env = folder / "env.json"
-    if env.exists():
+    env: dict[str, Any] = {}
+    env_path = folder / "env.json"
+    if env_path.exists():
         try:
-            gemm = json.loads(env.read_text()).get("gemm_gflops")
+            env = json.loads(env_path.read_text())
         except json.JSONDecodeError:
-            raise ValueError(f"{env} is not valid JSON") from None
-    return RunResults(records, gemm, path)
+            raise ValueError(f"{env_path} is not valid JSON") from None
+    return RunResults(records, env, path)
+
+
+def environment_differences(base: RunResults, cur: RunResults) -> list[str]:
+    """What differs between the two runs' environments that moves the figures."""
+    out = []
+    for key in ("torch", "device_name", "threads"):
+        b, c = base.env.get(key), cur.env.get(key)
+        if b is not None and c is not None and b != c:
+            out.append(f"{key}: {b} -> {c}")
+    return out
 
 
 def _num(x: Any) -> float | None:
