@@ -262,3 +262,69 @@ def compare_command(
         console.print("[bold red]perf gate: FAILED[/]")
         raise typer.Exit(1)
     console.print("[bold green]perf gate: passed[/]")
+
+
+def parse_query(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(-?\d+)\s*,\s*(-?\d+)\s*", text)
+    if not m:
+        raise ValueError(f"--query '{text}' is not y,x in pixels (e.g. 120,200)")
+    return int(m.group(1)), int(m.group(2))
+
+
+@app.command("viz")
+def viz_command(
+    methods: list[str] = typer.Option(None, "--methods", "-m", help="mechanisms to draw, names or specs (default: the six at legible settings)"),
+    query: list[str] = typer.Option(None, "--query", "-q", help="query position y,x in image pixels; repeatable (default: three spread points)"),
+    image: Optional[Path] = typer.Option(None, help="a JPEG or PNG (default: grace_hopper.jpg from matplotlib's sample data)"),
+    resolution: Optional[int] = typer.Option(512, help="resize the image to this width in pixels (aspect kept)"),
+    stride: int = typer.Option(16, help="pixels per token: the token grid is the image divided by this"),
+    dim: int = typer.Option(64, help="token channels"),
+    heads: int = typer.Option(2, help="attention heads"),
+    head: Optional[int] = typer.Option(None, help="draw one head instead of the head average"),
+    weights: str = typer.Option("content", help="content: identity q/k/v on image-statistics tokens; random: random weights"),
+    checkpoint: Optional[Path] = typer.Option(None, help="trained attention weights (a BiFormer BRA or Swin window-attention state dict)"),
+    results: Optional[Path] = typer.Option(None, help="a results folder or file: adds GMACs, latency and memory to the titles"),
+    kind: str = typer.Option("maps", help="maps: attention maps on the image; pattern: the pattern sheet"),
+    out: Path = typer.Option(Path("results/viz"), help="output folder"),
+    svg: bool = typer.Option(False, help="also write SVG"),
+) -> None:
+    """Draw what each mechanism attends to on a real image (maps), or its pattern sheet."""
+    from .report.content import content_tokens, load_image
+    from .report.viz import DEFAULT_METHODS, Scene, default_queries, draw_figure, draw_pattern_sheet, load_checkpoint
+
+    try:
+        if kind not in ("maps", "pattern"):
+            raise ValueError(f"unknown --kind '{kind}'; use maps or pattern")
+        if stride < 1:
+            raise ValueError(f"--stride {stride} must be >= 1")
+        specs = split_methods(methods) if methods else DEFAULT_METHODS
+        if methods is not None and methods and not specs:
+            raise ValueError("--methods is empty; give at least one mechanism")
+        for spec in specs:
+            build_attention_checked(spec, dim, heads)
+        picture = load_image(image, resolution, stride)
+        queries = [parse_query(q) for q in query] if query else default_queries(picture)
+        scene = Scene(picture, stride, content_tokens(picture, stride, dim), str(image or "grace_hopper.jpg (matplotlib sample data)"))
+        state = load_checkpoint(checkpoint) if checkpoint else None
+        records = load_results(results).records if results else None
+        if kind == "pattern":
+            written, stats = draw_pattern_sheet(scene, specs, queries[0], out, dim=dim, heads=heads, weights=weights, svg=svg)
+            table = Table(title=f"attention patterns on {scene.grid[0]}x{scene.grid[1]} tokens")
+            for col in ("mechanism", "mean attention distance (tokens)", "keys attended"):
+                table.add_column(col)
+            for st in stats:
+                table.add_row(escape(st.spec), f"{st.mean_distance:.2f}", f"{st.fraction_attended:.1%}")
+            console.print(table)
+        else:
+            written = draw_figure(scene, specs, queries, out, dim=dim, heads=heads, head=head, weights=weights,
+                                  checkpoint=state, checkpoint_name=str(checkpoint) if checkpoint else None,
+                                  records=records, svg=svg)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def build_attention_checked(spec: str, dim: int, heads: int) -> None:
+    from .attention import build_attention
+
+    build_attention(spec, dim, heads)

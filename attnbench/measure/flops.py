@@ -12,10 +12,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import warnings
+
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
+
+with warnings.catch_warnings():  # fvcore scripts a helper at import; torch deprecates jit.script
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 # ops that only move, index or reshape data, or make constants: no arithmetic to count
 _SHAPE_OPS = {

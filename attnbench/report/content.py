@@ -1,0 +1,98 @@
+"""Tokens that carry an image's content, and weights that keep it, for drawing maps.
+
+Random weights route at random, so a map drawn with them would lie about a content-aware
+mechanism (BRA's routing, deformable offsets). By default the tokens are per-patch
+statistics of the image itself, embedded to ``dim`` by a fixed orthonormal map (so dot
+products between tokens are dot products between their statistics), and the query, key
+and value projections are the identity (times a sharpness), so attention follows
+similarity of content.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, UnidentifiedImageError
+
+FEATURES = "per-patch mean and std of R, G, B, mean gradient magnitude, 4-bin gradient orientation histogram"
+NUM_FEATURES = 11
+
+
+def sample_image_path() -> Path:
+    """The photograph matplotlib ships in its sample data (nothing is downloaded)."""
+    import matplotlib.cbook
+
+    return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def load_image(path: Path | str | None, width: int | None, stride: int) -> np.ndarray:
+    """RGB in [0, 1], (H, W, 3), resized to ``width`` (aspect kept) and cropped to whole
+    ``stride`` patches. Raises ValueError for a missing or unreadable file."""
+    path = Path(path) if path is not None else sample_image_path()
+    if not path.is_file():
+        raise ValueError(f"image '{path}' does not exist or is not a file")
+    try:
+        img = Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"image '{path}' cannot be read as a JPEG or PNG ({exc})") from None
+    if width:
+        height = round(img.height * width / img.width)
+        img = img.resize((width, height), Image.BICUBIC)
+    w, h = (img.width // stride) * stride, (img.height // stride) * stride
+    if w < stride or h < stride:
+        raise ValueError(f"the image ({img.width}x{img.height}) is smaller than one {stride}-pixel patch")
+    return np.asarray(img.crop((0, 0, w, h)), dtype=np.float32) / 255.0
+
+
+def patch_features(image: np.ndarray, stride: int) -> np.ndarray:
+    """(Hg, Wg, NUM_FEATURES) statistics of each stride x stride patch, standardised."""
+    H, W, _ = image.shape
+    Hg, Wg = H // stride, W // stride
+    patches = image.reshape(Hg, stride, Wg, stride, 3).transpose(0, 2, 1, 3, 4).reshape(Hg, Wg, -1, 3)
+    gray = image.mean(-1)
+    gy, gx = np.gradient(gray)
+    mag = np.hypot(gx, gy)
+    angle = np.mod(np.arctan2(gy, gx), math.pi)  # orientation, sign-free
+    bins = np.minimum((angle / math.pi * 4).astype(int), 3)
+    mag_p = mag.reshape(Hg, stride, Wg, stride).transpose(0, 2, 1, 3).reshape(Hg, Wg, -1)
+    bins_p = bins.reshape(Hg, stride, Wg, stride).transpose(0, 2, 1, 3).reshape(Hg, Wg, -1)
+    hist = np.stack([(mag_p * (bins_p == b)).sum(-1) for b in range(4)], -1)
+    hist = hist / (hist.sum(-1, keepdims=True) + 1e-8)
+    feats = np.concatenate([patches.mean(2), patches.std(2), mag_p.mean(-1, keepdims=True), hist], -1)
+    return (feats - feats.mean((0, 1))) / (feats.std((0, 1)) + 1e-6)
+
+
+def content_tokens(image: np.ndarray, stride: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """(1, Hg, Wg, dim): patch statistics embedded by a fixed orthonormal map."""
+    feats = torch.from_numpy(patch_features(image, stride)).float()
+    if dim < feats.shape[-1]:
+        raise ValueError(f"--dim {dim} is too small for the {feats.shape[-1]} content features; use >= {feats.shape[-1]}")
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, feats.shape[-1], generator=g))  # orthonormal columns
+    return (feats @ basis.t()).unsqueeze(0)
+
+
+@torch.no_grad()
+def use_content_weights(module: nn.Module, sharpness: float = 2.0) -> nn.Module:
+    """Identity query/key/value/output projections (q and k scaled by ``sharpness``) and zero
+    biases, so that attention logits are scaled dot products of the tokens themselves."""
+    for name, layer in module.named_modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        out_f, in_f = layer.weight.shape
+        eye = torch.eye(in_f)
+        if out_f == in_f:
+            w = eye * (sharpness if name.split(".")[-1] in ("proj_q", "proj_k") else 1.0)
+        else:  # stacked q, k (, v): [q; k; v] rows
+            blocks = out_f // in_f
+            w = torch.cat([eye * (sharpness if i < 2 else 1.0) for i in range(blocks)])
+            if w.shape[0] != out_f:
+                raise ValueError(f"cannot set identity weights on {name} of shape {tuple(layer.weight.shape)}")
+        layer.weight.copy_(w)
+        if layer.bias is not None:
+            layer.bias.zero_()
+    return module

@@ -1,0 +1,293 @@
+"""What each mechanism attends to, drawn on an image: the attention-map figure (one column
+per mechanism, one row per query) and the pattern sheet (keys per query, the query x key
+mask, mean attention distance)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from ..attention import AttentionMap, build_attention, format_spec, parse_spec  # noqa: E402
+from .content import FEATURES, content_tokens, use_content_weights  # noqa: E402
+
+DEFAULT_METHODS = [
+    "full",
+    "window:window_size=8",
+    "axial:stripe=2",
+    "dilated:window_size=6,dilation=3",
+    "deformable:stride=4",
+    "bra:n_win=4,topk=4",
+]
+WEIGHTS = ("content", "random")
+
+
+@dataclass
+class Scene:
+    """An image, its token grid and the tokens the mechanisms see."""
+
+    image: np.ndarray  # (H, W, 3) in [0, 1]
+    stride: int
+    tokens: torch.Tensor  # (1, Hg, Wg, dim)
+    source: str
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.tokens.shape[1], self.tokens.shape[2]
+
+
+def default_queries(image: np.ndarray) -> list[tuple[int, int]]:
+    """Three well-spread pixel positions: upper left, centre, lower right of the middle."""
+    H, W = image.shape[:2]
+    return [(int(H * 0.3), int(W * 0.3)), (int(H * 0.5), int(W * 0.55)), (int(H * 0.75), int(W * 0.75))]
+
+
+def to_tokens(queries: Sequence[tuple[int, int]], image: np.ndarray, stride: int) -> list[tuple[int, int]]:
+    """Pixel (y, x) -> token (y, x); a ValueError for a pixel outside the image."""
+    H, W = image.shape[:2]
+    out = []
+    for y, x in queries:
+        if not (0 <= y < H and 0 <= x < W):
+            raise ValueError(f"query ({y}, {x}) is outside the {H}x{W} px image (y in 0..{H - 1}, x in 0..{W - 1})")
+        out.append((y // stride, x // stride))
+    return out
+
+
+def build_for_viz(spec: str, dim: int, heads: int, weights: str = "content", checkpoint: dict | None = None,
+                  seed: int = 0) -> torch.nn.Module:
+    """A mechanism with content weights (identity projections), random weights, or a
+    checkpoint's weights where its keys fit this mechanism."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights '{weights}'; use one of {', '.join(WEIGHTS)}")
+    torch.manual_seed(seed)
+    module = build_attention(spec, dim, heads).eval()
+    if checkpoint is not None and set(checkpoint) >= set(module.state_dict()):
+        module.load_state_dict({k: checkpoint[k] for k in module.state_dict()}, strict=True)
+        module.loaded_checkpoint = True
+    elif weights == "content":
+        use_content_weights(module)
+    return module
+
+
+def load_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
+    """An attention state dict (BiFormer BRA or Swin window attention); a prefix such as
+    ``blocks.0.attn.`` is stripped from the first attention block found."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
+        raise ValueError(f"checkpoint '{path}' cannot be loaded: {exc}") from None
+    state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint '{path}' holds no state dict")
+    for anchor in ("qkv.qkv.weight", "qkv.weight"):
+        hits = sorted(k for k in state if k.endswith(anchor))
+        if hits:
+            prefix = hits[0][: -len(anchor)]
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    raise ValueError(f"checkpoint '{path}' has no attention weights (no key ending in qkv.qkv.weight or qkv.weight)")
+
+
+def attention_maps(module: torch.nn.Module, scene: Scene, token_queries: list[tuple[int, int]]) -> AttentionMap:
+    with torch.no_grad():
+        return module.attention_map(scene.tokens, token_queries)
+
+
+def head_map(amap: AttentionMap, i: int, grid: tuple[int, int], head: int | None) -> np.ndarray:
+    """(Hg, Wg) weights of query i, averaged over heads or for one head; padding cropped."""
+    w = amap.weights[i]
+    w = w.mean(0) if head is None else w[head]
+    return w[: grid[0], : grid[1]].cpu().numpy()
+
+
+def keys_attended(amap: AttentionMap, i: int, grid: tuple[int, int]) -> int:
+    """Keys with weight in any head (BRA's padded keys included: it attends them)."""
+    return int((amap.weights[i] != 0).any(0).sum())
+
+
+def _token_box(ax, ids: Sequence[int], W: int, stride: int, color: str, lw: float = 1.5, ls: str = "-") -> None:
+    ys, xs = np.asarray(ids) // W, np.asarray(ids) % W
+    ax.add_patch(Rectangle((xs.min() * stride, ys.min() * stride), (xs.max() - xs.min() + 1) * stride,
+                           (ys.max() - ys.min() + 1) * stride, fill=False, ec=color, lw=lw, ls=ls))
+
+
+def draw_pattern(ax, module, amap: AttentionMap, i: int, scene: Scene) -> None:
+    """The pattern's own marks for query i: windows, stripes, members, samples, regions."""
+    s = scene.stride
+    Hg, Wg = scene.grid
+    name = module.mechanism
+    groups = amap.pattern.get("groups")
+    if name == "window":
+        _token_box(ax, groups[0][i], Wg, s, "cyan")
+    elif name == "axial":
+        _token_box(ax, groups[0][i], Wg, s, "cyan")
+        _token_box(ax, groups[1][i], Wg, s, "lime", ls="--")
+    elif name == "dilated":
+        ids = np.asarray(groups[0][i])
+        ax.scatter((ids % Wg + 0.5) * s, (ids // Wg + 0.5) * s, s=6, c="cyan", marker="s", linewidths=0)
+    elif name == "deformable":
+        pts = amap.pattern["samples"].reshape(-1, 2).numpy()
+        ax.scatter((pts[:, 1] + 0.5) * s, (pts[:, 0] + 0.5) * s, s=5, c="cyan", linewidths=0)
+    elif name == "bra":
+        S = amap.pattern["n_win"]
+        h, w = amap.pattern["region_size"]
+        for r in range(1, S):
+            ax.axhline(r * h * s - 0.5, color="w", lw=0.5, alpha=0.35)
+            ax.axvline(r * w * s - 0.5, color="w", lw=0.5, alpha=0.35)
+        for region in amap.pattern["regions"][i]:
+            ry, rx = divmod(region, S)
+            ax.add_patch(Rectangle((rx * w * s, ry * h * s), w * s, h * s, fill=False, ec="cyan", lw=1.5))
+
+
+def _overlay(ax, scene: Scene, weights: np.ndarray) -> None:
+    H, W = scene.image.shape[:2]
+    ax.imshow(scene.image, extent=(0, W, H, 0))
+    seen = weights > 0
+    shade = np.zeros((*weights.shape, 4))
+    shade[~seen] = (0, 0, 0, 0.6)  # keys the query cannot see: dimmed
+    ax.imshow(shade, extent=(0, W, H, 0), interpolation="nearest")
+    norm = weights / weights.max() if weights.max() > 0 else weights
+    heat = plt.get_cmap("inferno")(norm)
+    heat[..., 3] = np.where(seen, 0.25 + 0.6 * np.sqrt(norm), 0.0)
+    ax.imshow(heat, extent=(0, W, H, 0), interpolation="nearest")
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+
+
+def _metrics_line(spec: str, records: list[dict[str, Any]] | None) -> str:
+    if not records:
+        return ""
+    name, params = parse_spec(spec)
+    want = format_spec(name, params).partition(":")[2]
+    rows = [r for r in records if r["mechanism"] == name and (r["params"] or "") == want and r["status"] == "ok"]
+    if not rows:
+        return "\n(no result for these settings)"
+    r = max(rows, key=lambda r: r["resolution"])
+    return f"\n{r['macs'] / 1e9:.2f} GMACs, {r['latency_ms']:.1f} ms, {r['peak_mem_mb']:.0f} MiB @ {r['resolution']}px"
+
+
+def caption(scene: Scene, weights: str, checkpoint: str | None, head: int | None, dim: int) -> str:
+    H, W = scene.image.shape[:2]
+    Hg, Wg = scene.grid
+    if weights == "content":
+        how = f"tokens: {FEATURES}, embedded to dim {dim}; q/k/v projections identity, so attention follows content"
+    else:
+        how = f"tokens: {FEATURES}, embedded to dim {dim}; random projection weights (seed 0)"
+    if checkpoint:
+        how += f"; {checkpoint} loaded where its keys fit"
+    heads = "averaged over heads" if head is None else f"head {head}"
+    return (f"{scene.source}, {W}x{H} px, stride {scene.stride} -> {Hg}x{Wg} tokens. {how}. Weights {heads}; "
+            "dimmed = not attended; cyan = the pattern (window, stripes, members, samples, routed regions).")
+
+
+def draw_figure(scene: Scene, specs: list[str], pixel_queries: list[tuple[int, int]], out: Path, *,
+                svg: bool = False, **options: Any) -> list[Path]:
+    """:func:`make_figure`, written to ``out``; returns the files written."""
+    return _save(make_figure(scene, specs, pixel_queries, **options), out, "attention_maps", svg)
+
+
+def make_figure(scene: Scene, specs: list[str], pixel_queries: list[tuple[int, int]], *, dim: int = 64,
+                heads: int = 2, head: int | None = None, weights: str = "content",
+                checkpoint: dict | None = None, checkpoint_name: str | None = None,
+                records: list[dict[str, Any]] | None = None):
+    """One column per mechanism, one row per query."""
+    token_queries = to_tokens(pixel_queries, scene.image, scene.stride)
+    if head is not None and not 0 <= head < heads:
+        raise ValueError(f"--head {head} is out of range; this model has heads 0..{heads - 1}")
+    H, W = scene.image.shape[:2]
+    rows, cols = len(token_queries), len(specs)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows * H / W + 1.2), squeeze=False,
+                             layout="constrained")
+    for j, spec in enumerate(specs):
+        module = build_for_viz(spec, dim, heads, weights, checkpoint)
+        amap = attention_maps(module, scene, token_queries)
+        for i, (py, px) in enumerate(pixel_queries):
+            ax = axes[i][j]
+            _overlay(ax, scene, head_map(amap, i, scene.grid, head))
+            draw_pattern(ax, module, amap, i, scene)
+            ty, tx = token_queries[i]
+            ax.add_patch(Rectangle((tx * scene.stride, ty * scene.stride), scene.stride, scene.stride,
+                                   fill=False, ec="red", lw=1.5))
+            ax.plot(px, py, marker="x", color="red", markersize=7, mew=2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            title = f"{spec}\n{keys_attended(amap, i, scene.grid)} keys" + _metrics_line(spec, records)
+            if getattr(module, "loaded_checkpoint", False):
+                title += " (checkpoint)"
+            ax.set_title(title, fontsize=8)
+    for i, (py, px) in enumerate(pixel_queries):
+        axes[i][0].set_ylabel(f"query y={py}, x={px}", fontsize=8)
+    fig.suptitle("what one query attends to, per mechanism", fontsize=11)
+    fig.text(0.5, -0.01, caption(scene, weights, checkpoint_name, head, dim), ha="center", va="top", fontsize=7, wrap=True)
+    return fig
+
+
+def _save(fig, out: Path, name: str, svg: bool) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png"] + ([out / f"{name}.svg"] if svg else [])
+    for p in paths:
+        fig.savefig(p, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+@dataclass
+class PatternStats:
+    spec: str
+    mean_distance: float  # tokens, attention-weighted, averaged over queries and heads
+    fraction_attended: float  # of all keys, averaged over queries (union over heads)
+    mask: np.ndarray  # (N, Nk) bool, query x key, any head
+    keys_per_query: np.ndarray  # (Hg, Wg)
+
+
+def pattern_stats(module: torch.nn.Module, scene: Scene, spec: str) -> PatternStats:
+    Hg, Wg = scene.grid
+    queries = [(y, x) for y in range(Hg) for x in range(Wg)]
+    amap = attention_maps(module, scene, queries)
+    w = amap.weights  # (N, heads, Hk, Wk)
+    Hk, Wk = w.shape[-2:]
+    ky, kx = torch.meshgrid(torch.arange(Hk), torch.arange(Wk), indexing="ij")
+    qy = torch.tensor([q[0] for q in queries], dtype=torch.float32)[:, None, None, None]
+    qx = torch.tensor([q[1] for q in queries], dtype=torch.float32)[:, None, None, None]
+    dist = torch.sqrt((ky[None, None] - qy) ** 2 + (kx[None, None] - qx) ** 2)
+    mean_distance = float((w * dist).sum((-2, -1)).mean())
+    mask = (w != 0).any(1).flatten(1)  # (N, Hk*Wk)
+    counts = mask.sum(1).float()
+    return PatternStats(spec, mean_distance, float(counts.mean() / mask.shape[1]), mask.numpy(),
+                        counts.view(Hg, Wg).numpy())
+
+
+def draw_pattern_sheet(scene: Scene, specs: list[str], pixel_query: tuple[int, int], out: Path, *, dim: int = 64,
+                       heads: int = 2, weights: str = "content", svg: bool = False) -> tuple[list[Path], list[PatternStats]]:
+    """Per mechanism: keys attended by each query (over the query grid) and the query x key
+    mask, the chosen query's row marked."""
+    (ty, tx), = to_tokens([pixel_query], scene.image, scene.stride)
+    Hg, Wg = scene.grid
+    q_index = ty * Wg + tx
+    stats = []
+    fig, axes = plt.subplots(2, len(specs), figsize=(3.3 * len(specs), 7), squeeze=False, layout="constrained")
+    for j, spec in enumerate(specs):
+        st = pattern_stats(build_for_viz(spec, dim, heads, weights), scene, spec)
+        stats.append(st)
+        im = axes[0][j].imshow(st.keys_per_query, cmap="viridis", vmin=0)
+        axes[0][j].plot(tx, ty, "rx", mew=2)
+        axes[0][j].set_title(f"{spec}\nkeys per query (mean {st.keys_per_query.mean():.0f})", fontsize=8)
+        fig.colorbar(im, ax=axes[0][j], shrink=0.7)
+        axes[1][j].imshow(st.mask, cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        axes[1][j].axhline(q_index, color="red", lw=0.8)
+        axes[1][j].set_title(f"query x key mask (row-major)\n{st.fraction_attended:.1%} attended, "
+                             f"mean distance {st.mean_distance:.1f} tokens", fontsize=8)
+        axes[1][j].set_xlabel("key index")
+        axes[1][j].set_ylabel("query index")
+    fig.suptitle(f"attention patterns on {Hg}x{Wg} tokens (red: query y={pixel_query[0]}, x={pixel_query[1]})")
+    return _save(fig, out, "attention_patterns", svg), stats
