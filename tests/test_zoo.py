@@ -133,12 +133,23 @@ def bra_reference(m, x):
         (13, 10, dict(n_win=3, topk=2, side_dwconv=3, qk_dim=16)),
     ],
 )
-def test_bra_equals_reference(H, W, params):
+@pytest.mark.parametrize("impl", ["sdpa", "gather"])
+def test_bra_equals_reference(H, W, params, impl):
     torch.manual_seed(0)
-    m = build_attention("bra", DIM, HEADS, **params)
+    m = build_attention("bra", DIM, HEADS, impl=impl, **params)
     x = rand_x(H, W, B=1)
     diff = (m(x) - bra_reference(m, x)).abs().max().item()
     assert diff <= ATOL, diff
+
+
+@pytest.mark.parametrize("H,W,n_win,topk", [(64, 64, 8, 4), (30, 45, 8, 16), (17, 9, 4, 1), (12, 12, 3, 9)])
+def test_fast_bra_equals_gather(H, W, n_win, topk):
+    torch.manual_seed(0)
+    gather = build_attention("bra", DIM, HEADS, n_win=n_win, topk=topk, impl="gather")
+    fast = build_attention("bra", DIM, HEADS, n_win=n_win, topk=topk, impl="sdpa")
+    fast.load_state_dict(gather.state_dict())
+    x = rand_x(H, W)
+    assert (fast(x) - gather(x)).abs().max().item() <= ATOL
 
 
 def test_bra_state_dict_keys_are_biformers():
@@ -202,6 +213,7 @@ SPECS = [
     "deformable:stride=2",
     "deformable:stride=3,groups=2",
     "bra:n_win=3,topk=2",
+    "bra:n_win=3,topk=2,impl=gather",
 ]
 
 

@@ -8,6 +8,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.profiler import record_function
+
+# names a stage of a forward pass; `bench profile` times the stages by these names
+stage = record_function
 
 
 def check_range(name: str, value: Any, low: float | None = None, high: float | None = None) -> None:

@@ -15,7 +15,10 @@ so that its checkpoints load and its outputs match:
    the Linear ``wo`` projects; the padding is cropped off.
 
 ``impl=gather`` is the paper's computation: gather the routed key/value regions into a
-topk-fold copy, then dense attention per region.
+topk-fold copy of an expanded view, then dense attention per region with its score
+matrix. ``impl=sdpa`` (the default) computes the same outputs with the routed regions
+indexed once and fused ``scaled_dot_product_attention`` per region, so no score matrix
+is ever held.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AttentionBase, AttentionMap, check_range
+from .base import AttentionBase, AttentionMap, check_range, stage
 from .registry import Param, register_attention
 
 
@@ -52,7 +55,8 @@ class QKVLinear(nn.Module):
         Param("side_dwconv", 5, "lepe depthwise conv kernel (odd; 0 disables lepe)", low=0),
         Param("qk_dim", 0, "query/key width (0 = dim)", low=0),
         Param("auto_pad", True, "pad to a multiple of n_win before the projection, crop after"),
-        Param("impl", "gather", "gather: the official topk-fold gather, then dense attention", choices=("gather",)),
+        Param("impl", "sdpa", "sdpa: routed regions indexed once, fused attention per region (no score matrix); "
+              "gather: the official topk-fold gather, then dense attention", choices=("sdpa", "gather")),
     ],
 )
 class BiLevelRoutingAttention(AttentionBase):
@@ -65,7 +69,7 @@ class BiLevelRoutingAttention(AttentionBase):
         side_dwconv: int = 5,
         qk_dim: int = 0,
         auto_pad: bool = True,
-        impl: str = "gather",
+        impl: str = "sdpa",
     ) -> None:
         super().__init__(dim, num_heads)
         check_range("n_win", n_win, 1)
@@ -122,27 +126,56 @@ class BiLevelRoutingAttention(AttentionBase):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         B, H_in, W_in, _ = x.shape
-        x = self.pad(x)
-        H, W = x.shape[1:3]
         S = self.n_win
-        q, k, v = self.qkv(x)  # (B, H, W, c)
-        q_reg, k_reg, v_reg = self.regions(q), self.regions(k), self.regions(v)  # (B, S^2, w2, c)
-        r_idx = self.route(q_reg, k_reg)
-        out = self.token_attention_gather(q_reg, k_reg, v_reg, r_idx)  # (B, S^2, w2, dim)
-        out = out.view(B, S, S, H // S, W // S, self.dim).transpose(2, 3).reshape(B, H, W, self.dim)
-        out = self.wo(out + self.lepe_term(v))
-        return out[:, :H_in, :W_in].contiguous() if (H, W) != (H_in, W_in) else out
+        with stage("projections"):
+            x = self.pad(x)
+            H, W = x.shape[1:3]
+            q, k, v = self.qkv(x)  # (B, H, W, c)
+            q_reg, k_reg, v_reg = self.regions(q), self.regions(k), self.regions(v)  # (B, S^2, w2, c)
+        with stage("region routing"):
+            r_idx = self.route(q_reg, k_reg)
+        attend = self.token_attention_gather if self.impl == "gather" else self.token_attention_sdpa
+        out = attend(q_reg, k_reg, v_reg, r_idx)  # (B, S^2, w2, dim)
+        with stage("lepe"):
+            out = out.view(B, S, S, H // S, W // S, self.dim).transpose(2, 3).reshape(B, H, W, self.dim)
+            out = out + self.lepe_term(v)
+        with stage("output projection"):
+            out = self.wo(out)
+            return out[:, :H_in, :W_in].contiguous() if (H, W) != (H_in, W_in) else out
 
     def token_attention_gather(self, q: Tensor, k: Tensor, v: Tensor, r_idx: Tensor) -> Tensor:
         B, R, w2, _ = k.shape
-        idx = r_idx.view(B, R, self.topk, 1, 1)
-        k_sel = torch.gather(k.unsqueeze(1).expand(-1, R, -1, -1, -1), 2, idx.expand(-1, -1, -1, w2, k.shape[-1]))
-        v_sel = torch.gather(v.unsqueeze(1).expand(-1, R, -1, -1, -1), 2, idx.expand(-1, -1, -1, w2, v.shape[-1]))
-        k_sel = self.heads(k_sel.flatten(2, 3))  # (B, R, m, topk*w2, c)
-        v_sel = self.heads(v_sel.flatten(2, 3))
-        attn = (self.heads(q) * self.scale) @ k_sel.transpose(-2, -1)  # (B, R, m, w2, topk*w2)
-        out = attn.softmax(dim=-1) @ v_sel
-        return out.transpose(-3, -2).flatten(-2)  # (B, R, w2, dim)
+        with stage("gather"):
+            idx = r_idx.view(B, R, self.topk, 1, 1)
+            k_sel = torch.gather(k.unsqueeze(1).expand(-1, R, -1, -1, -1), 2, idx.expand(-1, -1, -1, w2, k.shape[-1]))
+            v_sel = torch.gather(v.unsqueeze(1).expand(-1, R, -1, -1, -1), 2, idx.expand(-1, -1, -1, w2, v.shape[-1]))
+            k_sel = self.heads(k_sel.flatten(2, 3))  # (B, R, m, topk*w2, c)
+            v_sel = self.heads(v_sel.flatten(2, 3))
+        with stage("token attention"):
+            attn = (self.heads(q) * self.scale) @ k_sel.transpose(-2, -1)  # (B, R, m, w2, topk*w2)
+            out = attn.softmax(dim=-1) @ v_sel
+            return out.transpose(-3, -2).flatten(-2)  # (B, R, w2, dim)
+
+    def token_attention_sdpa(self, q: Tensor, k: Tensor, v: Tensor, r_idx: Tensor) -> Tensor:
+        """The same attention without the expanded gather or a score matrix: the routed
+        regions' keys and values are indexed once, straight into the head-major layout
+        SDPA wants, and fused SDPA runs over all regions as one batch."""
+        B, R, w2, _ = k.shape
+        m, k_n = self.num_heads, self.topk
+        # row (region, head) of the source -> rows (region, head, routed) of the selection
+        rows = (r_idx.unsqueeze(2) * m + torch.arange(m, device=k.device).view(1, 1, m, 1)).flatten(1)
+
+        def select(t: Tensor) -> Tensor:  # (B, R, w2, m*c) -> (B*R, m, topk*w2, c)
+            src = self.heads(t).flatten(1, 2).flatten(2)  # (B, R*m, w2*c), one copy
+            sel = torch.gather(src, 1, rows.unsqueeze(-1).expand(-1, -1, src.shape[-1]))
+            return sel.view(B * R, m, k_n * w2, -1)
+
+        with stage("gather"):
+            q4 = self.heads(q).reshape(B * R, m, w2, -1)
+            k4, v4 = select(k), select(v)
+        with stage("token attention"):
+            out = F.scaled_dot_product_attention(q4, k4, v4, scale=self.scale)  # (B*R, m, w2, c_v)
+            return out.view(B, R, m, w2, -1).transpose(-3, -2).flatten(-2)
 
     # -- attention map --------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AttentionBase, AttentionMap, check_range
+from .base import AttentionBase, AttentionMap, check_range, stage
 from .registry import Param, register_attention
 
 
@@ -103,11 +103,18 @@ class DeformableAttention(AttentionBase):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         B, H, W, C = x.shape
-        q = self.proj_q(x)
-        samples = self.sample(x, self.sample_points(q))
-        k, v = self.proj_k(samples), self.proj_v(samples)
-        out = F.scaled_dot_product_attention(self.heads(q.view(B, H * W, C)), self.heads(k), self.heads(v), scale=self.scale)
-        return self.proj_out(out.transpose(1, 2).reshape(B, H, W, C))
+        with stage("query projection"):
+            q = self.proj_q(x)
+        with stage("offsets"):
+            points = self.sample_points(q)
+        with stage("sampling"):
+            samples = self.sample(x, points)
+        with stage("key/value projection"):
+            k, v = self.proj_k(samples), self.proj_v(samples)
+        with stage("attention"):
+            out = F.scaled_dot_product_attention(self.heads(q.view(B, H * W, C)), self.heads(k), self.heads(v), scale=self.scale)
+        with stage("output projection"):
+            return self.proj_out(out.transpose(1, 2).reshape(B, H, W, C))
 
     @torch.no_grad()
     def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:

@@ -3,7 +3,7 @@
 Each of those patterns splits the token grid into groups (one group, windows, stripes,
 dilated windows) and lets every query attend to the keys of its own group. A
 :class:`GroupLayout` says which token sits in which slot of which group; the same layout
-drives the forward pass (one fused SDPA call over all groups) and the attention map, so
+drives the forward pass (fused SDPA over all groups at once) and the attention map, so
 the map is the forward's own computation restricted to a few queries.
 """
 
@@ -17,19 +17,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AttentionBase, AttentionMap
+from .base import AttentionBase, AttentionMap, stage
 
 
 @dataclass
 class GroupLayout:
     """``index[g, l]`` is the flat token id (y * W + x) in slot ``l`` of group ``g``, or
-    ``N`` for a padding slot. ``mask`` is an additive (G or 1, 1, L, L) tensor with -inf
-    where a query may not see a key, or None when every slot sees every other."""
+    ``N`` for a padding slot. Groups whose queries see every real key of the group come
+    first; the rest, from ``clean`` on, carry an additive (G - clean, 1, L, L) ``mask``
+    with -inf where a query may not see a key (shifted-window labels, padding)."""
 
     index: Tensor  # (G, L) long
     inverse: Tensor  # (N,) long: position of each token in index.flatten()
-    mask: Tensor | None
+    mask: Tensor | None  # for groups clean.. only
+    clean: int  # groups [0, clean) need no mask
     identity: bool = False  # one group holding every token in order (full attention)
+    padded: bool = False  # some slots are padding
 
     @property
     def groups(self) -> int:
@@ -39,25 +42,43 @@ class GroupLayout:
     def size(self) -> int:
         return self.index.shape[1]
 
+    def to(self, device: torch.device) -> "GroupLayout":
+        mask = None if self.mask is None else self.mask.to(device)
+        return GroupLayout(self.index.to(device), self.inverse.to(device), mask, self.clean, self.identity, self.padded)
+
+    def mask_rows(self, g: Tensor, slot: Tensor) -> Tensor | None:
+        """(Q, 1, L) mask rows of the queries in groups ``g`` at ``slot`` (0 for clean groups)."""
+        if self.mask is None:
+            return None
+        masked = g >= self.clean
+        rows = self.mask[(g - self.clean).clamp(min=0), :, slot]  # (Q, 1, L)
+        return torch.where(masked[:, None, None], rows, torch.zeros_like(rows))
+
 
 def layout_from_slots(index: Tensor, num_tokens: int, extra_mask: Tensor | None = None) -> GroupLayout:
-    """Finish a layout from its (G, L) index: the inverse map, and a mask that keeps real
-    queries off padding keys (padding queries may see padding, so no row is all -inf)."""
+    """Finish a layout from its (G, L) index: groups reordered clean first, the inverse
+    map, and a mask that keeps real queries off padding keys (padding queries may see
+    padding, so no row is all -inf) and applies ``extra_mask`` (G, L, L; True = blocked)."""
+    pad = index == num_tokens
+    if bool(pad.any()) or extra_mask is not None:
+        blocked = pad[:, None, :] & ~pad[:, :, None]  # (G, Lq, Lk)
+        if extra_mask is not None:
+            blocked = blocked | extra_mask
+    else:  # nothing to mask; never build G x L x L (L = N for full attention)
+        blocked = torch.zeros(index.shape[0], 1, 1, dtype=torch.bool)
+    needs_mask = blocked.flatten(1).any(1)
+    order = torch.argsort(needs_mask.int(), stable=True)  # clean groups first, order kept
+    index, blocked = index[order], blocked[order]
+    clean = int((~needs_mask).sum())
+    mask = None
+    if clean < index.shape[0]:
+        mask = torch.zeros(blocked[clean:].shape).masked_fill_(blocked[clean:], float("-inf"))[:, None]
     flat = index.flatten()
     inverse = torch.empty(num_tokens, dtype=torch.long)
     real = flat < num_tokens
     inverse[flat[real]] = torch.arange(flat.numel())[real]
-    pad = index == num_tokens
-    blocked = extra_mask
-    if bool(pad.any()):
-        blocked = pad[:, None, :] & ~pad[:, :, None]  # (G, Lq, Lk)
-        if extra_mask is not None:
-            blocked = blocked | extra_mask
-    mask = None
-    if blocked is not None and bool(blocked.any()):
-        mask = torch.zeros(blocked.shape, dtype=torch.float32).masked_fill_(blocked, float("-inf"))[:, None]
     identity = index.shape[0] == 1 and index.shape[1] == num_tokens and bool((flat == torch.arange(num_tokens)).all())
-    return GroupLayout(index, inverse, mask, identity)
+    return GroupLayout(index, inverse, mask, clean, identity, bool(pad.any()))
 
 
 def padded_token_ids(H: int, W: int, Hp: int, Wp: int) -> Tensor:
@@ -75,11 +96,15 @@ def _to_groups(t: Tensor, layout: GroupLayout) -> Tensor:
     """(B, N, h, d) -> (G, B*h, L, d), padding slots filled with zeros.
 
     Groups lead and batch joins the heads so that SDPA gets 4-d inputs (its fused CPU and
-    CUDA kernels take nothing else) and a (G, 1, L, L) mask broadcasts without a copy."""
+    CUDA kernels take nothing else) and a (G, 1, L, L) mask broadcasts without a copy.
+    (Gathering q, k and v in one go, or putting the groups in SDPA's head axis, measured
+    slower on the CPU.)"""
     B, N, h, d = t.shape
     if layout.identity:
         return t.transpose(1, 2)  # (B, h, N, d): the batch is the group axis
-    t = torch.cat([t, t.new_zeros(B, 1, h, d)], dim=1)[:, layout.index]  # (B, G, L, h, d)
+    # a contiguous source first: indexing a strided view of the qkv output is slower
+    t = torch.cat([t, t.new_zeros(B, 1, h, d)], dim=1) if layout.padded else t.contiguous()
+    t = t[:, layout.index]  # (B, G, L, h, d)
     return t.permute(1, 0, 3, 2, 4).reshape(layout.groups, B * h, layout.size, d)
 
 
@@ -93,26 +118,37 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, i
     return scores.softmax(dim=-1) @ v
 
 
-def grouped_attention(
-    q: Tensor, k: Tensor, v: Tensor, layout: GroupLayout, bias: Tensor | None, scale: float, impl: str = "sdpa"
-) -> Tensor:
-    """q, k, v: (B, N, h, d) -> (B, N, h, d), each query attending within its group.
-    ``bias``: additive, (G or 1, h or 1, L, L)."""
-    B, N, h, d = q.shape
-    if bias is not None and not layout.identity and B > 1 and bias.shape[1] > 1:
+def grouped_attention(qkv: Tensor, layout: GroupLayout, bias: Tensor | None, scale: float, impl: str = "sdpa") -> Tensor:
+    """qkv: (B, N, 3, h, d) -> (B, N, h, d), each query attending within its group.
+    ``bias``: an additive (1, h, L, L) bias for every group (relative positions), or None.
+    Clean groups and masked groups run as two calls, so the mask is only materialised,
+    and only slows the kernel, where it is needed."""
+    B, N, _, h, d = qkv.shape
+    if bias is not None and not layout.identity and B > 1:
         bias = bias.repeat(1, B, 1, 1)  # per-head bias for every batch item in the B*h axis
-    out = attend(_to_groups(q, layout), _to_groups(k, layout), _to_groups(v, layout), bias, scale, impl)
+    with stage("partition"):
+        q, k, v = (_to_groups(t, layout) for t in qkv.unbind(2))
+    with stage("attention"):
+        c = layout.clean
+        if layout.mask is None:
+            out = attend(q, k, v, bias, scale, impl)
+        else:
+            mask = layout.mask.to(q.dtype)  # (G - c, 1, L, L)
+            mask = mask if bias is None else bias + mask
+            masked = attend(q[c:], k[c:], v[c:], mask, scale, impl)
+            out = torch.cat([attend(q[:c], k[:c], v[:c], bias, scale, impl), masked]) if c else masked
     if layout.identity:
         return out.transpose(1, 2)
-    out = out.view(layout.groups, B, h, layout.size, -1).permute(1, 0, 3, 2, 4).reshape(B, -1, h, v.shape[-1])
-    return out[:, layout.inverse]
+    with stage("merge"):
+        out = out.view(layout.groups, B, h, layout.size, d).permute(1, 0, 3, 2, 4).reshape(B, -1, h, d)
+        return out[:, layout.inverse]
 
 
 def grouped_rows(q: Tensor, k: Tensor, layout: GroupLayout, bias: Tensor | None, scale: float, tokens: Tensor) -> Tensor:
     """Softmax weights of the queries ``tokens`` over all N keys: (Q, h, N).
 
     q, k: (N, h, d) for one batch item. The logits are those :func:`attend` computes for
-    the same rows: (q * scale) . k + bias.
+    the same rows: (q * scale) . k + bias + mask.
     """
     N, h, _ = q.shape
     pos = layout.inverse[tokens]
@@ -121,8 +157,10 @@ def grouped_rows(q: Tensor, k: Tensor, layout: GroupLayout, bias: Tensor | None,
     k_pad = torch.cat([k, k.new_zeros(1, *k.shape[1:])])
     logits = torch.einsum("qhd,qlhd->qhl", q[tokens] * scale, k_pad[keys])
     if bias is not None:
-        gb = g if bias.shape[0] > 1 else torch.zeros_like(g)
-        logits = logits + bias[gb, :, slot, :]
+        logits = logits + bias[0, :, slot, :].transpose(0, 1)  # (Q, h, L)
+    mask = layout.mask_rows(g, slot)
+    if mask is not None:
+        logits = logits + mask
     probs = logits.softmax(-1)
     out = probs.new_zeros(len(tokens), h, N + 1)
     out.scatter_add_(2, keys[:, None, :].expand(-1, h, -1), probs)
@@ -134,14 +172,12 @@ def visible_keys(layout: GroupLayout, tokens: Tensor) -> list[list[int]]:
     N = layout.inverse.numel()
     pos = layout.inverse[tokens]
     g, slot = pos // layout.size, pos % layout.size
-    out = []
-    for gi, si in zip(g.tolist(), slot.tolist()):
-        keys = layout.index[gi]
-        seen = keys < N
-        if layout.mask is not None:
-            seen &= layout.mask[gi if layout.mask.shape[0] > 1 else 0, 0, si] == 0
-        out.append(keys[seen].tolist())
-    return out
+    keys = layout.index[g]  # (Q, L)
+    seen = keys < N
+    mask = layout.mask_rows(g, slot)
+    if mask is not None:
+        seen &= mask[:, 0] == 0
+    return [k[s].tolist() for k, s in zip(keys, seen)]
 
 
 class GroupedAttention(AttentionBase):
@@ -167,53 +203,43 @@ class GroupedAttention(AttentionBase):
         key = (H, W, str(device))
         if key not in self._layouts:
             with torch.inference_mode(False):  # the cache must serve autograd too
-                self._layouts[key] = [
-                    (heads, GroupLayout(
-                        lay.index.to(device),
-                        lay.inverse.to(device),
-                        None if lay.mask is None else lay.mask.to(device),
-                        lay.identity,
-                    ))
-                    for heads, lay in self.build_branches(H, W)
-                ]
+                self._layouts[key] = [(heads, lay.to(device)) for heads, lay in self.build_branches(H, W)]
         return self._layouts[key]
 
     def learned_bias(self, branch: int) -> Tensor | None:
         """An additive (1, heads, L, L) bias from parameters (relative position bias)."""
         return None
 
-    def branch_bias(self, branch: int, layout: GroupLayout, dtype: torch.dtype) -> Tensor | None:
-        bias = self.learned_bias(branch)
-        if layout.mask is not None:
-            bias = layout.mask if bias is None else bias + layout.mask
-        return None if bias is None else bias.to(dtype)
-
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor) -> Tensor:
+        """(B, H, W, C) -> (B, N, 3, heads, head_dim)"""
         B, H, W, C = x.shape
-        qkv = self.qkv(x).view(B, H * W, 3, self.num_heads, self.head_dim)
-        return qkv.unbind(2)
+        return self.qkv(x).view(B, H * W, 3, self.num_heads, self.head_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         B, H, W, C = x.shape
-        q, k, v = self._qkv(x)
+        with stage("qkv"):
+            qkv = self._qkv(x)
         outs = []
         for i, (heads, layout) in enumerate(self.branches(H, W, x.device)):
-            bias = self.branch_bias(i, layout, q.dtype)
-            outs.append(grouped_attention(q[:, :, heads], k[:, :, heads], v[:, :, heads], layout, bias, self.scale, self.impl))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return self.proj(out.reshape(B, H, W, C))
+            with stage("bias"):
+                bias = self.learned_bias(i)
+                bias = None if bias is None else bias.to(qkv.dtype)
+            outs.append(grouped_attention(qkv[..., heads, :], layout, bias, self.scale, self.impl))
+        with stage("proj"):
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            return self.proj(out.reshape(B, H, W, C))
 
     @torch.no_grad()
     def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
         queries = self.check_queries(x, queries)
         x = x[:1]
         H, W = x.shape[1:3]
-        q, k, v = (t[0] for t in self._qkv(x))  # (N, h, d)
+        q, k, v = self._qkv(x)[0].unbind(1)  # (N, h, d)
         tokens = torch.tensor([y * W + xx for y, xx in queries], device=x.device)
         rows, groups = [], []
         for i, (heads, layout) in enumerate(self.branches(H, W, x.device)):
-            bias = self.branch_bias(i, layout, q.dtype)
+            bias = self.learned_bias(i)
             rows.append(grouped_rows(q[:, heads], k[:, heads], layout, bias, self.scale, tokens))
             groups.append(visible_keys(layout, tokens))
         weights = torch.cat(rows, dim=1).view(len(queries), self.num_heads, H, W)

@@ -32,6 +32,8 @@ _SHAPE_OPS = {
     "aten::new_zeros", "aten::new_empty", "aten::new_full", "aten::dropout", "aten::alias", "aten::lift_fresh",
     "aten::clone", "aten::copy_", "aten::tensor", "aten::scalar_tensor", "aten::stack", "aten::meshgrid",
     "aten::floor_divide", "aten::remainder", "prim::NumToTensor", "aten::ones_like", "aten::scalarImplicit",
+    # stage labels (record_function) for bench profile
+    "profiler::_record_function_enter", "profiler::_record_function_enter_new", "profiler::_record_function_exit",
 }
 
 

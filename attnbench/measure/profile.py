@@ -1,0 +1,52 @@
+"""Where the time of one mechanism goes: its forward stages timed apart.
+
+Mechanisms name their stages with ``torch.profiler.record_function`` (``stage`` in
+``attnbench.attention.base``); this runs a case under the profiler and sums the host time
+spent inside each name. Time outside every stage (the backward pass in ``fwdbwd``, glue
+between stages) is reported as ``other``. On CUDA the stage times are host times unless
+CUDA_LAUNCH_BLOCKING=1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+@dataclass
+class StageTime:
+    name: str
+    ms: float  # per call
+    share: float  # of the whole call
+
+
+def profile_stages(step: Callable[[], Any], runs: int = 3) -> tuple[list[StageTime], float]:
+    """Stage times of ``step`` (already warmed up), averaged over ``runs`` calls, and the
+    wall time of one call in ms."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(runs):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        total_ms = (time.perf_counter() - start) * 1e3 / runs
+    stages: dict[str, float] = {}
+    order: list[str] = []
+    def is_stage(event) -> bool:  # a record_function label: no "::" namespace like aten::mm
+        return "::" not in event.name and not event.name.startswith(("[", "ProfilerStep"))
+
+    for event in prof.events():
+        if not is_stage(event) or (event.cpu_parent is not None and is_stage(event.cpu_parent)):
+            continue  # an op, or a stage inside another stage (counted there)
+        if event.name not in stages:
+            order.append(event.name)
+            stages[event.name] = 0.0
+        stages[event.name] += event.cpu_time_total / 1e3 / runs
+    out = [StageTime(name, stages[name], stages[name] / total_ms) for name in order]
+    rest = total_ms - sum(s.ms for s in out)
+    out.append(StageTime("other", max(rest, 0.0), max(rest, 0.0) / total_ms))
+    return out, total_ms
