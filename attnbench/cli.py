@@ -328,3 +328,48 @@ def build_attention_checked(spec: str, dim: int, heads: int) -> None:
     from .attention import build_attention
 
     build_attention(spec, dim, heads)
+
+
+@app.command("profile")
+def profile_command(
+    spec: str = typer.Argument(..., help="one mechanism spec, e.g. bra:n_win=8,topk=4"),
+    resolution: int = typer.Option(1024, help="image side in pixels"),
+    stride: int = typer.Option(4, help="pixels per token"),
+    dim: int = typer.Option(64, help="channels"),
+    heads: int = typer.Option(2, help="attention heads"),
+    batch: int = typer.Option(1, help="batch size"),
+    dtype: str = typer.Option("float32", help=f"one of {', '.join(DTYPES)}"),
+    mode: str = typer.Option("fwd", help="fwd or fwdbwd (the backward shows as 'other')"),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
+    runs: int = typer.Option(3, help="profiled calls, after one warm-up call"),
+) -> None:
+    """Time the stages of one mechanism (for BRA: projections, routing, gather, token attention, lepe, output)."""
+    import torch
+
+    from .attention import build_attention
+    from .measure.case import Case, make_step
+    from .measure.profile import profile_stages
+
+    try:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        case = Case(spec, resolution, stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode, device=device)
+        check_case(case)
+        if runs < 1:
+            raise ValueError(f"--runs {runs} must be >= 1")
+    except ValueError as exc:
+        fail(str(exc))
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    module = build_attention(spec, dim, heads).to(device=dev, dtype=DTYPES[dtype])
+    x = torch.randn(batch, case.height, case.width, dim, device=dev, dtype=DTYPES[dtype])
+    step = make_step(module, x, mode)
+    step()
+    stages, total = profile_stages(step, runs)
+    table = Table(title=f"{spec} on {case.height}x{case.width} tokens ({device}, {dtype}, {mode}): {total:.1f} ms per call",
+                  caption="other: time outside every stage (glue; the whole backward pass in fwdbwd)")
+    for col in ("stage", "ms per call", "share"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for st in stages:
+        table.add_row(escape(st.name), f"{st.ms:.2f}", f"{st.share:.1%}")
+    console.print(table)

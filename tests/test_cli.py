@@ -160,3 +160,32 @@ def test_default_preset_has_what_the_issue_names():
     assert {s.split(":")[0] for s in specs} == {"full", "window", "axial", "dilated", "deformable", "bra"}
     grid = PRESETS["bra-grid"].specs(256)
     assert sum(s.startswith("bra") for s in grid) == 20 and "full" in grid and any(s.startswith("window") for s in grid)
+
+
+def test_profile_times_the_stages_of_bra():
+    result = run("profile", "bra:n_win=4,topk=2", "--resolution", "64", "--dim", "32", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    stages = ["projections", "region routing", "gather", "token attention", "lepe", "output projection", "other"]
+    positions = [out.index(s) for s in stages]
+    assert positions == sorted(positions)
+
+
+def test_profile_shares_add_up():
+    from attnbench import build_attention
+    from attnbench.measure.case import make_step
+    from attnbench.measure.profile import profile_stages
+
+    module = build_attention("window:window_size=4,shift=2", 32, 2)
+    step = make_step(module, torch.randn(1, 16, 16, 32), "fwdbwd")
+    step()
+    stages, total = profile_stages(step, runs=2)
+    names = [s.name for s in stages]
+    assert {"qkv", "partition", "attention", "merge", "proj", "other"} <= set(names)
+    assert abs(sum(s.ms for s in stages) - total) <= 0.05 * total  # stages do not overlap
+    assert all(s.ms >= 0 for s in stages) and total > 0
+
+
+def test_profile_bad_spec_exits_2():
+    result = run("profile", "bra:topk=0")
+    assert result.exit_code == 2 and "topk" in result.output

@@ -10,8 +10,13 @@ import torch.nn as nn
 from torch import Tensor
 from torch.profiler import record_function
 
-# names a stage of a forward pass; `bench profile` times the stages by these names
-stage = record_function
+STAGES: set[str] = set()  # every stage name used so far
+
+
+def stage(name: str) -> record_function:
+    """Names a stage of a forward pass (a profiler label); `bench profile` times them."""
+    STAGES.add(name)
+    return record_function(name)
 
 
 def check_range(name: str, value: Any, low: float | None = None, high: float | None = None) -> None:

@@ -1,8 +1,8 @@
 """Where the time of one mechanism goes: its forward stages timed apart.
 
-Mechanisms name their stages with ``torch.profiler.record_function`` (``stage`` in
-``attnbench.attention.base``); this runs a case under the profiler and sums the host time
-spent inside each name. Time outside every stage (the backward pass in ``fwdbwd``, glue
+Mechanisms name their stages with ``attnbench.attention.base.stage`` (a
+``torch.profiler.record_function`` label); this runs a case under the profiler and sums
+the host time spent inside each stage. Time outside every stage (the backward pass in ``fwdbwd``, glue
 between stages) is reported as ``other``. On CUDA the stage times are host times unless
 CUDA_LAUNCH_BLOCKING=1.
 """
@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from ..attention.base import STAGES
 
 
 @dataclass
@@ -36,8 +38,8 @@ def profile_stages(step: Callable[[], Any], runs: int = 3) -> tuple[list[StageTi
         total_ms = (time.perf_counter() - start) * 1e3 / runs
     stages: dict[str, float] = {}
     order: list[str] = []
-    def is_stage(event) -> bool:  # a record_function label: no "::" namespace like aten::mm
-        return "::" not in event.name and not event.name.startswith(("[", "ProfilerStep"))
+    def is_stage(event) -> bool:
+        return event.name in STAGES
 
     for event in prof.events():
         if not is_stage(event) or (event.cpu_parent is not None and is_stage(event.cpu_parent)):
