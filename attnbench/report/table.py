@@ -13,6 +13,7 @@ COLUMNS = [
     "GMACs",
     "latency ms (median ± IQR)",
     "peak MiB",
+    "GFLOP/s (of GEMM)",
     "speed-up vs full",
     "memory saving vs full",
     "status",
@@ -20,7 +21,8 @@ COLUMNS = [
 NOTE = (
     "MACs: forward multiply-accumulates, 1 multiply-add = 1 MAC (fvcore's and the Swin/BiFormer "
     "papers' unit). Latency: median and IQR of timed runs after warm-up. Peak: most MiB held by "
-    "tensors during one call beyond inputs and weights. Relative columns: fused full attention "
+    "tensors during one call beyond inputs and weights. GFLOP/s: 2 x MACs / latency (x3 MACs for "
+    "fwdbwd), and its fraction of the run's dense-GEMM rate. Relative columns: fused full attention "
     "(`full`, SDPA) at the same resolution divided by this row."
 )
 
@@ -52,7 +54,9 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for _, r in df.iterrows():
         ref = refs.get(tuple(r[k] for k in keys))
-        lat, iqr, mem, macs = (_num(r.get(c)) for c in ("latency_ms", "latency_iqr_ms", "peak_mem_mb", "macs"))
+        lat, iqr, mem, macs, rate, frac = (
+            _num(r.get(c)) for c in ("latency_ms", "latency_iqr_ms", "peak_mem_mb", "macs", "gflops", "gemm_fraction")
+        )
         ok = r["status"] == "ok"
         speed = saving = "-"
         if ok and ref is not None and lat and mem is not None:
@@ -65,6 +69,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
                 f"{macs / 1e9:.3f}" if macs is not None else "-",
                 f"{lat:.2f} ± {iqr:.2f}" if ok and lat is not None else "-",
                 f"{mem:.1f}" if ok and mem is not None else "-",
+                (f"{rate:.0f}" + (f" ({frac:.0%})" if frac is not None else "")) if ok and rate is not None else "-",
                 speed,
                 saving,
                 r["status"],
