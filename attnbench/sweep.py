@@ -48,7 +48,7 @@ def _default(side: int) -> list[str]:
         "window:window_size=8",
         "window:window_size=8,shift=4",
         "axial:stripe=1",
-        f"dilated:window_size=8,dilation={max(1, side // 8)}",  # MaxViT grid: dilation = H / k
+        "dilated:window_size=8,dilation=0",  # MaxViT grid: dilation = H / k at every size
         "deformable:stride=8",
         "bra:n_win=8,topk=1",
         "bra:n_win=8,topk=4",

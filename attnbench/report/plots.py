@@ -56,11 +56,22 @@ def crossovers(df: pd.DataFrame) -> dict[str, int]:
     return out
 
 
+def _styles(labels: list[str]) -> dict[str, dict[str, Any]]:
+    """A distinct colour, marker and line style per label (more than tab10's ten)."""
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xh<>"
+    return {
+        label: dict(color=colours[i % 20], marker=markers[i % len(markers)], linestyle="-" if i < 10 else "--")
+        for i, label in enumerate(labels)
+    }
+
+
 def plot_scaling(df: pd.DataFrame, out: Path) -> list[Path]:
     ok = df[df["status"] == "ok"].copy()
     ok["gmacs"] = ok["macs"] / 1e9
     cross = crossovers(df)
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5), layout="constrained")
+    styles = _styles(list(dict.fromkeys(ok["label"])))
+    fig, axes = plt.subplots(1, 3, figsize=(20, 7), layout="constrained")
     for ax, (col, name) in zip(axes, METRICS):
         for label, rows in ok.groupby("label", sort=False):
             rows = rows.sort_values("tokens")
@@ -69,7 +80,7 @@ def plot_scaling(df: pd.DataFrame, out: Path) -> list[Path]:
             if col == "latency_ms" and label in cross:
                 notes.append(f"faster than full from {cross[label]} px")
             legend = f"{label} ({', '.join(notes)})" if notes else label
-            (line,) = ax.plot(rows["tokens"], rows[col], marker="o", label=legend)
+            (line,) = ax.plot(rows["tokens"], rows[col], label=legend, **styles[label])
             if col == "latency_ms" and label in cross:
                 at = rows[rows["resolution"] == cross[label]].iloc[0]
                 ax.plot(at["tokens"], at[col], marker="*", markersize=16, color=line.get_color(), markeredgecolor="k")
