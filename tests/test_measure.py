@@ -282,3 +282,13 @@ def test_full_attention_never_builds_an_n_by_n_mask():
     with torch.inference_mode():
         peak = peak_memory_bytes(lambda: fused(torch.randn(1, side, side, C)), CPU)
     assert peak < N * N / 20, peak  # an N x N bool mask would be N*N bytes
+
+
+def test_memory_estimate_knows_fast_bra_holds_no_scores():
+    from attnbench.measure.case import estimate_peak_bytes
+
+    fast = estimate_peak_bytes(Case("bra:n_win=8,topk=16", 1024, mode="fwdbwd"))
+    gather = estimate_peak_bytes(Case("bra:n_win=8,topk=16,impl=gather", 1024, mode="fwdbwd"))
+    scores = 2 * 2 * 65536 * (16 * 1024) * 4  # heads x queries x keys x fp32, twice
+    assert gather - fast >= 3 * scores * 0.99
+    assert fast < 4 * 2**30

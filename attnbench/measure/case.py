@@ -242,8 +242,10 @@ def estimate_peak_bytes(case: Case) -> int:
         extra = 2 * B * h * N * N * size  # scores and probabilities
     elif name == "bra":
         S = p["n_win"]
-        n = -(-case.height // S) * S * -(-case.width // S) * S
-        keys = p["topk"] * n // (S * S)
-        extra = B * n * keys // (n // (S * S)) * 2 * C * size + 2 * B * h * n * keys * size  # gathered k, v; scores
+        n = -(-case.height // S) * S * -(-case.width // S) * S  # padded tokens
+        keys = p["topk"] * n // (S * S)  # keys per query
+        extra = 2 * B * p["topk"] * n * C * size  # the routed keys and values, topk-fold
+        if p["impl"] == "gather":
+            extra += 2 * B * h * n * keys * size  # scores and probabilities
     factor = 3 if case.mode == "fwdbwd" else 1  # saved activations and their gradients
     return factor * (act + extra)
