@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .attention import list_attentions, parse_spec
+from .attention import build_attention, list_attentions, parse_spec
 from .attention.registry import format_value
 from .measure import check_case, check_device, environment, gemm_gflops, run_isolated
 from .measure.case import DTYPES, MODES
@@ -158,7 +158,7 @@ def run_command(
         bound = parse_size(mem_limit, device) if mem_limit else None
         fields = dict(stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode, device=device,
                       compile=compile_, threads=threads)
-        cases = build_cases((lambda side: specs) if specs else chosen.specs, resolutions, **fields)
+        cases = build_cases(specs or chosen.specs, resolutions, **fields)
         if not cases:
             raise UsageError("no cases to run")
         for case in cases:
@@ -301,7 +301,7 @@ def viz_command(
         if methods is not None and methods and not specs:
             raise ValueError("--methods is empty; give at least one mechanism")
         for spec in specs:
-            build_attention_checked(spec, dim, heads)
+            build_attention(spec, dim, heads)  # bad parameters fail here, before any drawing
         picture = load_image(image, resolution, stride)
         queries = [parse_query(q) for q in query] if query else default_queries(picture)
         scene = Scene(picture, stride, content_tokens(picture, stride, dim), str(image or "grace_hopper.jpg (matplotlib sample data)"))
@@ -324,11 +324,6 @@ def viz_command(
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
-def build_attention_checked(spec: str, dim: int, heads: int) -> None:
-    from .attention import build_attention
-
-    build_attention(spec, dim, heads)
-
 
 @app.command("profile")
 def profile_command(
@@ -346,7 +341,6 @@ def profile_command(
     """Time the stages of one mechanism (for BRA: projections, routing, gather, token attention, lepe, output)."""
     import torch
 
-    from .attention import build_attention
     from .measure.case import Case, make_step
     from .measure.profile import profile_stages
 

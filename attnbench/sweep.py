@@ -14,18 +14,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from .attention import parse_spec
-from .measure import RESULT_COLUMNS, Case, Result
-
-# the fields that identify a case in a results file
-KEY_FIELDS = ("mechanism", "params", "resolution", "height", "width", "dim", "heads", "batch", "dtype", "mode", "device")
+from .measure import RESULT_COLUMNS, RESULT_KEY, Case, Result
 
 
 def result_key(record: dict[str, Any] | Result) -> tuple:
     d = record.to_dict() if isinstance(record, Result) else record
-    return tuple(d[k] for k in KEY_FIELDS)
+    return tuple(d[k] for k in RESULT_KEY)
 
 
 def case_key(case: Case) -> tuple:
@@ -36,58 +33,49 @@ def case_key(case: Case) -> tuple:
 class Preset:
     name: str
     description: str
-    specs: Callable[[int], list[str]]  # grid side (tokens) -> method specs
+    specs: tuple[str, ...]
     resolutions: tuple[int, ...] = ()  # used when the user gives none
     threads: int = 0  # used when the user gives none (0: torch's default)
 
 
-def _default(side: int) -> list[str]:
-    return [
-        "full",
-        "full:impl=naive",
-        "window:window_size=8",
-        "window:window_size=8,shift=4",
-        "axial:stripe=1",
-        "dilated:window_size=8,dilation=0",  # MaxViT grid: dilation = H / k at every size
-        "deformable:stride=8",
-        "bra:n_win=8,topk=1",
-        "bra:n_win=8,topk=4",
-        "bra:n_win=8,topk=16",
-        "bra:n_win=8,topk=4,impl=gather",  # the official computation, the baseline for the fast one
-        "bra:n_win=8,topk=16,impl=gather",
-    ]
-
-
-def _bra_grid(side: int) -> list[str]:
-    specs = ["full", "window:window_size=8"]
-    for n_win in (4, 7, 8, 16):
-        for topk in (1, 2, 4, 8, 16):
-            if topk <= n_win * n_win:
-                specs.append(f"bra:n_win={n_win},topk={topk}")
-    return specs
-
-
-def _ci(side: int) -> list[str]:
-    return [
-        "full",
-        "full:impl=naive",
-        "window:window_size=8",
-        "window:window_size=8,shift=4",
-        "axial:stripe=1",
-        "dilated:window_size=8,dilation=2",
-        "deformable:stride=8",
-        "bra:n_win=8,topk=4",
-    ]
+DEFAULT_SPECS = (
+    "full",
+    "full:impl=naive",
+    "window:window_size=8",
+    "window:window_size=8,shift=4",
+    "axial:stripe=1",
+    "dilated:window_size=8,dilation=0",  # MaxViT grid: dilation = H / k at every size
+    "deformable:stride=8",
+    "bra:n_win=8,topk=1",
+    "bra:n_win=8,topk=4",
+    "bra:n_win=8,topk=16",
+    "bra:n_win=8,topk=4,impl=gather",  # the official computation, the baseline for the fast one
+    "bra:n_win=8,topk=16,impl=gather",
+)
+BRA_GRID_SPECS = ("full", "window:window_size=8") + tuple(
+    f"bra:n_win={n_win},topk={topk}" for n_win in (4, 7, 8, 16) for topk in (1, 2, 4, 8, 16)
+)
+CI_SPECS = (
+    "full",
+    "full:impl=naive",
+    "window:window_size=8",
+    "window:window_size=8,shift=4",
+    "axial:stripe=1",
+    "dilated:window_size=8,dilation=2",
+    "deformable:stride=8",
+    "bra:n_win=8,topk=4",
+)
 
 
 PRESETS = {
     p.name: p
     for p in (
         Preset("default", "every mechanism at its paper's settings, full attention fused and naive, BRA topk 1/4/16 "
-               "at n_win 8 (and the official gather BRA at topk 4/16)", _default),
-        Preset("bra-grid", "BRA over topk {1,2,4,8,16} x n_win {4,7,8,16}, with full and window as references", _bra_grid),
+               "at n_win 8 (and the official gather BRA at topk 4/16)", DEFAULT_SPECS),
+        Preset("bra-grid", "BRA over topk {1,2,4,8,16} x n_win {4,7,8,16}, with full and window as references",
+               BRA_GRID_SPECS),
         # one thread: on a shared 2-core machine it halves the run-to-run spread of the timings
-        Preset("ci", "small and fast, for the perf gate (512 px at stride 4, one thread)", _ci, (512,), threads=1),
+        Preset("ci", "small and fast, for the perf gate (512 px at stride 4, one thread)", CI_SPECS, (512,), threads=1),
     )
 }
 
@@ -99,17 +87,12 @@ def preset(name: str) -> Preset:
         raise ValueError(f"unknown preset '{name}'; known: {', '.join(PRESETS)}") from None
 
 
-def build_cases(
-    specs: Callable[[int], list[str]], resolutions: Iterable[int], **fields: Any
-) -> list[Case]:
+def build_cases(specs: Iterable[str], resolutions: Iterable[int], **fields: Any) -> list[Case]:
     """Every spec at every resolution, small resolutions first."""
-    cases = []
-    stride = fields.get("stride", 4)
-    for res in sorted(set(resolutions)):
-        for spec in specs(res // stride):
-            parse_spec(spec)  # fails early on a bad spec
-            cases.append(Case(spec=spec, resolution=res, **fields))
-    return cases
+    specs = list(specs)
+    for spec in specs:
+        parse_spec(spec)  # fails early on a bad spec
+    return [Case(spec=spec, resolution=res, **fields) for res in sorted(set(resolutions)) for spec in specs]
 
 
 class ResultsStore:
@@ -140,8 +123,8 @@ class ResultsStore:
                 if n == len(lines):
                     continue
                 raise ValueError(f"{self.jsonl}:{n} is not valid JSON") from None
-            if not isinstance(record, dict) or not set(KEY_FIELDS) <= set(record):
-                raise ValueError(f"{self.jsonl}:{n} is not a result record (it lacks {', '.join(KEY_FIELDS)})")
+            if not isinstance(record, dict) or not set(RESULT_KEY) <= set(record):
+                raise ValueError(f"{self.jsonl}:{n} is not a result record (it lacks {', '.join(RESULT_KEY)})")
             out.append(record)
         return out
 

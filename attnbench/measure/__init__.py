@@ -1,6 +1,6 @@
 """Measuring one case: MACs, latency, peak memory, in isolation. Knows the zoo, not reports."""
 
-from .case import RESULT_COLUMNS, Case, Result, check_case, check_device, run_case
+from .case import RESULT_COLUMNS, RESULT_KEY, Case, Result, check_case, check_device, run_case
 from .closed_form import closed_form_macs
 from .env import environment, gemm_gflops
 from .flops import MacCount, count_macs
@@ -9,7 +9,7 @@ from .memory import TensorMemoryTracker, peak_memory_bytes
 from .timing import Timing, time_call
 
 __all__ = [
-    "RESULT_COLUMNS", "Case", "MacCount", "Result", "TensorMemoryTracker", "Timing", "check_case", "check_device",
+    "RESULT_COLUMNS", "RESULT_KEY", "Case", "MacCount", "Result", "TensorMemoryTracker", "Timing", "check_case", "check_device",
     "closed_form_macs", "count_macs", "default_mem_limit_bytes", "environment", "gemm_gflops", "peak_memory_bytes",
     "run_case", "run_isolated", "time_call",
 ]

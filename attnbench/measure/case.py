@@ -144,6 +144,8 @@ class Result:
 
 
 RESULT_COLUMNS = list(Result.__dataclass_fields__)
+# the fields that say which case a result is (the rest are what was measured)
+RESULT_KEY = ("mechanism", "params", "resolution", "height", "width", "dim", "heads", "batch", "dtype", "mode", "device")
 
 
 def macs_of(case: Case, allow_real: bool = True) -> MacCount | None:

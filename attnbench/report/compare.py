@@ -20,8 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-KEY = ("mechanism", "params", "resolution", "height", "width", "dim", "heads", "batch", "dtype", "mode", "device")
-SHAPE = ("resolution", "height", "width", "dim", "heads", "batch", "dtype", "mode", "device")
+from ..measure.case import RESULT_KEY as KEY
+from .table import number
+
+SHAPE = KEY[2:]  # everything but the mechanism and its parameters
 NEEDED = set(KEY) | {"macs", "latency_ms", "peak_mem_mb", "status"}
 
 
@@ -80,12 +82,6 @@ def environment_differences(base: RunResults, cur: RunResults) -> list[str]:
     return out
 
 
-def _num(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if v != v else v
 
 
 @dataclass
@@ -98,9 +94,9 @@ class Row:
 
 def _references(run: RunResults) -> dict[tuple, float]:
     return {
-        tuple(r[k] for k in SHAPE): _num(r["latency_ms"])
+        tuple(r[k] for k in SHAPE): number(r["latency_ms"])
         for r in run.records
-        if r["mechanism"] == "full" and r["params"] == "" and r["status"] == "ok" and _num(r["latency_ms"])
+        if r["mechanism"] == "full" and r["params"] == "" and r["status"] == "ok" and number(r["latency_ms"])
     }
 
 
@@ -135,12 +131,12 @@ def compare_runs(
             row.notes.append(f"was {b['status']}, now ok")
             better = True
         if b["status"] == "ok" and c["status"] == "ok":
-            bm, cm = _num(b["macs"]), _num(c["macs"])
+            bm, cm = number(b["macs"]), number(c["macs"])
             if bm != cm:
                 row.notes.append(f"MACs {bm:.0f} -> {cm:.0f}" + (" (accepted)" if accept_flops else ""))
                 row.fails |= not accept_flops
                 worse |= not accept_flops
-            bp, cp = _num(b["peak_mem_mb"]), _num(c["peak_mem_mb"])
+            bp, cp = number(b["peak_mem_mb"]), number(c["peak_mem_mb"])
             if bp is not None and cp is not None:
                 if cp > bp * (1 + mem_tol) and cp - bp > 1e-6:
                     row.notes.append(f"peak {bp:.2f} -> {cp:.2f} MiB (+{(cp / bp - 1) * 100 if bp else float('inf'):.1f}%)")
@@ -166,7 +162,7 @@ def compare_runs(
 
 def _latency(b, c, key, base_ref, cur_ref, base_gemm, cur_gemm, tol, floor_ms):
     """(note, +1 worse / -1 better / 0 same), or None when latency cannot be compared."""
-    bl, cl = _num(b["latency_ms"]), _num(c["latency_ms"])
+    bl, cl = number(b["latency_ms"]), number(c["latency_ms"])
     if not bl or not cl:
         return None
     shape = tuple(c[k] for k in SHAPE)

@@ -42,8 +42,13 @@ def _reference(df: pd.DataFrame) -> dict[tuple, pd.Series]:
     return {tuple(row[k] for k in keys): row for _, row in ref.iterrows()}, keys
 
 
-def _num(x: Any) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+def number(x: Any) -> float | None:
+    """A record's numeric field as a float; None for missing, empty, NaN or text."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
 
 
 def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
@@ -55,7 +60,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     for _, r in df.iterrows():
         ref = refs.get(tuple(r[k] for k in keys))
         lat, iqr, mem, macs, rate, frac = (
-            _num(r.get(c)) for c in ("latency_ms", "latency_iqr_ms", "peak_mem_mb", "macs", "gflops", "gemm_fraction")
+            number(r.get(c)) for c in ("latency_ms", "latency_iqr_ms", "peak_mem_mb", "macs", "gflops", "gemm_fraction")
         )
         ok = r["status"] == "ok"
         speed = saving = "-"
