@@ -292,3 +292,16 @@ def test_memory_estimate_knows_fast_bra_holds_no_scores():
     scores = 2 * 2 * 65536 * (16 * 1024) * 4  # heads x queries x keys x fp32, twice
     assert gather - fast >= 3 * scores * 0.99
     assert fast < 4 * 2**30
+
+
+def test_window_attention_peak_is_a_few_activations():
+    """qkv (3 activations) + grouped q, k, v (3) + output: a regression test for holding the
+    grouped copies through the merge (which once added a fourth of the peak)."""
+    side, C = 64, 64
+    act = side * side * C * 4
+    m = build_attention("window:window_size=8", C, 2)
+    x = torch.randn(1, side, side, C)
+    with torch.inference_mode():
+        m(x)
+        peak = peak_memory_bytes(lambda: m(x), CPU)
+    assert peak <= 7 * act + 2**16, peak / act

@@ -137,6 +137,7 @@ def grouped_attention(qkv: Tensor, layout: GroupLayout, bias: Tensor | None, sca
             mask = mask if bias is None else bias + mask
             masked = attend(q[c:], k[c:], v[c:], mask, scale, impl)
             out = torch.cat([attend(q[:c], k[:c], v[:c], bias, scale, impl), masked]) if c else masked
+    del q, k, v  # the grouped copies: free them before the merge makes its own
     if layout.identity:
         return out.transpose(1, 2)
     with stage("merge"):
