@@ -116,6 +116,17 @@ def write_reports(store: ResultsStore) -> list[Path]:
     return [store.folder / "summary.md"] + plot_all(records, store.folder)
 
 
+def default_folder(device: str, resolutions: tuple[int, ...], resume: bool) -> Path:
+    """results/<date>-<device>-r<resolutions>; a new run takes the next free name (-2, -3,
+    ...) instead of touching an earlier run's folder, a resumed run the latest one."""
+    base = Path("results") / f"{time.strftime('%Y-%m-%d')}-{device.replace(':', '')}-r{'-'.join(map(str, resolutions))}"
+    candidates = [base] + [base.with_name(f"{base.name}-{n}") for n in range(2, 1000)]
+    taken = [c for c in candidates if ResultsStore(c).exists()]
+    if resume:
+        return taken[-1] if taken else base
+    return next(c for c in candidates if not ResultsStore(c).exists())
+
+
 @app.command("run")
 def run_command(
     resolution: list[int] = typer.Option(None, "--resolution", "-r", help="image side in pixels; repeat for several (default: the preset's, else 1024)"),
@@ -166,7 +177,7 @@ def run_command(
     except (ValueError, UsageError) as exc:
         fail(str(exc))
 
-    folder = out or Path("results") / f"{time.strftime('%Y-%m-%d')}-{device.replace(':', '')}-r{'-'.join(map(str, resolutions))}"
+    folder = out or default_folder(device, resolutions, resume)
     store = ResultsStore(folder)
     config = {"preset": None if specs else chosen.name, "methods": specs, "resolutions": list(resolutions), **fields}
     if store.exists():

@@ -189,3 +189,15 @@ def test_profile_shares_add_up():
 def test_profile_bad_spec_exits_2():
     result = run("profile", "bra:topk=0")
     assert result.exit_code == 2 and "topk" in result.output
+
+
+def test_default_folder_never_reuses_an_earlier_run(tmp_path, monkeypatch):
+    from attnbench.cli import default_folder
+
+    monkeypatch.chdir(tmp_path)
+    first = default_folder("cpu", (64,), resume=False)
+    assert first.parent.name == "results" and first.name.endswith("-cpu-r64")
+    ResultsStore(first).start({"a": 1}, {})
+    second = default_folder("cpu", (64,), resume=False)
+    assert second.name == first.name + "-2"
+    assert default_folder("cpu", (64,), resume=True) == first  # resume picks the latest run
