@@ -7,7 +7,6 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from attnbench import build_attention
 from attnbench.measure import (

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.profiler import record_function

@@ -3,9 +3,8 @@ in the current process. :mod:`attnbench.measure.isolate` runs it in a child proc
 
 from __future__ import annotations
 
-import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch

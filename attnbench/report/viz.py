@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from ..attention import AttentionMap, build_attention, format_spec, parse_spec  # noqa: E402
-from .content import FEATURES, content_tokens, use_content_weights  # noqa: E402
+from .content import FEATURES, use_content_weights  # noqa: E402
 
 DEFAULT_METHODS = [
     "full",
