@@ -304,3 +304,12 @@ def test_window_attention_peak_is_a_few_activations():
         m(x)
         peak = peak_memory_bytes(lambda: m(x), CPU)
     assert peak <= 7 * act + 2**16, peak / act
+
+
+def test_compile_time_is_reported_apart_from_latency():
+    r = run_case(Case("window:window_size=4", 64, dim=32, compile=True), budget_s=0.05)
+    assert r.status == "ok" and r.compile_s is not None
+    assert r.compile_s > 0.05  # the first call compiled
+    assert r.latency_ms < r.compile_s * 1e3 / 5  # and the latency does not include it
+    plain = run_case(Case("window:window_size=4", 64, dim=32), budget_s=0.05)
+    assert plain.compile_s is None and plain.macs == r.macs
