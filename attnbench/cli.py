@@ -17,8 +17,8 @@ from rich.table import Table
 
 from .attention import build_attention, list_attentions, parse_spec
 from .attention.registry import format_value
-from .measure import check_case, check_device, environment, gemm_gflops, run_isolated
-from .measure.case import DTYPES, MODES
+from .measure import check_case, environment, gemm_gflops, run_isolated
+from .measure.case import DTYPES
 from .measure.isolate import available_memory_bytes
 from .report import plot_all, summary_markdown, summary_rows
 from .report.compare import compare_runs, environment_differences, gate_failed, load_results
@@ -30,8 +30,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="attnbench: w
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed, exit code 2."""
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda when present, else cpu; anything else as given (checked later)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def fail(message: str) -> None:
@@ -75,6 +80,8 @@ def split_methods(values: list[str]) -> list[str]:
                 specs[-1] += ("," if ":" in specs[-1] else ":") + piece
             else:
                 specs.append(piece)
+    if not specs:
+        raise ValueError("--methods is empty; give at least one mechanism")
     for spec in specs:
         parse_spec(spec)
     return specs
@@ -152,29 +159,16 @@ def run_command(
     try:
         chosen = preset(preset_name)
         specs = split_methods(methods) if methods else None
-        if methods is not None and methods and not specs:
-            raise UsageError("--methods is empty; give at least one mechanism")
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        check_device(device, dtype)
-        if mode not in MODES:
-            raise ValueError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
+        device = resolve_device(device)
         resolutions = tuple(resolution) if resolution else (chosen.resolutions or (1024,))
         threads = chosen.threads if threads is None else threads
-        for r in resolutions:
-            if r < 1 or r % stride:
-                raise ValueError(f"resolution {r} is not a positive multiple of the stride {stride}")
-        bound = parse_size(mem_limit, device) if mem_limit else None
         fields = dict(stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode, device=device,
                       compile=compile_, threads=threads)
         cases = build_cases(specs or chosen.specs, resolutions, **fields)
-        if not cases:
-            raise UsageError("no cases to run")
         for case in cases:
-            check_case(case)
-    except (ValueError, UsageError) as exc:
+            check_case(case)  # mechanism, device and dtype, mode, resolution against the stride
+        bound = parse_size(mem_limit, device) if mem_limit else None
+    except ValueError as exc:
         fail(str(exc))
 
     folder = out or default_folder(device, resolutions, resume)
@@ -309,8 +303,6 @@ def viz_command(
         if stride < 1:
             raise ValueError(f"--stride {stride} must be >= 1")
         specs = split_methods(methods) if methods else DEFAULT_METHODS
-        if methods is not None and methods and not specs:
-            raise ValueError("--methods is empty; give at least one mechanism")
         for spec in specs:
             build_attention(spec, dim, heads)  # bad parameters fail here, before any drawing
         picture = load_image(image, resolution, stride)
@@ -350,25 +342,18 @@ def profile_command(
     runs: int = typer.Option(3, help="profiled calls, after one warm-up call"),
 ) -> None:
     """Time the stages of one mechanism (for BRA: projections, routing, gather, token attention, lepe, output)."""
-    import torch
-
-    from .measure.case import Case, make_step
+    from .measure.case import Case, build_case, make_step
     from .measure.profile import profile_stages
 
     try:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         case = Case(spec, resolution, stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode, device=device)
         check_case(case)
         if runs < 1:
             raise ValueError(f"--runs {runs} must be >= 1")
     except ValueError as exc:
         fail(str(exc))
-    dev = torch.device(device)
-    torch.manual_seed(0)
-    module = build_attention(spec, dim, heads).to(device=dev, dtype=DTYPES[dtype])
-    x = torch.randn(batch, case.height, case.width, dim, device=dev, dtype=DTYPES[dtype])
-    step = make_step(module, x, mode)
+    step = make_step(*build_case(case), mode)
     step()
     stages, total = profile_stages(step, runs)
     table = Table(title=f"{spec} on {case.height}x{case.width} tokens ({device}, {dtype}, {mode}): {total:.1f} ms per call",

@@ -172,8 +172,7 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[
 
         return forward
     x = x.detach().requires_grad_(True)
-    with torch.no_grad():
-        grad = torch.randn_like(module(x))
+    grad = torch.randn_like(x)  # every mechanism maps (B, H, W, C) to the same shape
     params = [p for p in module.parameters() if p.requires_grad]
 
     def forward_backward() -> None:
@@ -185,6 +184,23 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[
     return forward_backward
 
 
+def build_case(case: Case) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The case's module (seeded weights) and input, on its device and in its dtype."""
+    device, dtype = torch.device(case.device), DTYPES[case.dtype]
+    torch.manual_seed(0)
+    module = build_attention(case.spec, case.dim, case.heads).to(device=device, dtype=dtype)
+    x = torch.randn(case.batch, case.height, case.width, case.dim, device=device, dtype=dtype)
+    return module, x
+
+
+def _call_seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None) -> Result:
     """Measure one case here and now. Raises on a bad case or a failure; the isolated
     runner turns those into statuses."""
@@ -192,26 +208,15 @@ def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None
     device = check_device(case.device, case.dtype)
     if case.threads:
         torch.set_num_threads(case.threads)
-    dtype = DTYPES[case.dtype]
     macs = macs_of(case)
-
-    torch.manual_seed(0)
-    module = build_attention(case.spec, case.dim, case.heads).to(device=device, dtype=dtype)
-    x = torch.randn(case.batch, case.height, case.width, case.dim, device=device, dtype=dtype)
-    compile_s = None
+    module, x = build_case(case)
     if case.compile:
         module = torch.compile(module)
-        t0 = time.perf_counter()
-        make_step(module, x, case.mode)()  # the first call compiles
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        compile_s = time.perf_counter() - t0
     step = make_step(module, x, case.mode)
-    t0 = time.perf_counter()
-    step()  # first call: caches, allocator, lazy init; not measured
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    first_s = time.perf_counter() - t0
+    first_s = _call_seconds(step, device)  # first call: compiles, fills caches, lazy init; not measured
+    compile_s = None
+    if case.compile:
+        compile_s, first_s = first_s, _call_seconds(step, device)
     peak = peak_memory_bytes(step, device)
     timing = time_call(step, device, budget_s=budget_s, per_call_s=first_s)
     gflops = 2 * MODE_MAC_FACTOR[case.mode] * macs.total / (timing.median_ms * 1e-3) / 1e9
