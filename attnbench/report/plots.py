@@ -25,12 +25,12 @@ def _title(df: pd.DataFrame, what: str) -> str:
     return f"{what} - {devices}, {dtypes}, {modes}"
 
 
-def _save(fig, out: Path, name: str) -> list[Path]:
-    paths = []
-    for ext in ("png", "svg"):
-        path = out / f"{name}.{ext}"
-        fig.savefig(path, dpi=130, bbox_inches="tight")
-        paths.append(path)
+def save_figure(fig, out: Path, name: str, svg: bool = True, dpi: int = 130) -> list[Path]:
+    """Write ``fig`` as out/name.png (and .svg), close it, return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png"] + ([out / f"{name}.svg"] if svg else [])
+    for path in paths:
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return paths
 
@@ -92,7 +92,7 @@ def plot_scaling(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
     axes[0].set_title("latency; * = first resolution faster than fused full attention", fontsize=9)
     fig.suptitle(_title(df, "cost against token count (log-log, legend: fitted exponent)"))
-    return _save(fig, out, "scaling")
+    return save_figure(fig, out, "scaling")
 
 
 def plot_frontier(df: pd.DataFrame, out: Path) -> list[Path]:
@@ -114,7 +114,7 @@ def plot_frontier(df: pd.DataFrame, out: Path) -> list[Path]:
         fig.text(0.01, -0.02, text, fontsize=8, ha="left", va="top", wrap=True)
     side = int(at["height"].iloc[0])
     ax.set_title(_title(df, f"cost frontier at {res} px ({side}x{side} tokens)"), fontsize=10)
-    return _save(fig, out, "frontier")
+    return save_figure(fig, out, "frontier")
 
 
 def plot_bra_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
@@ -142,7 +142,7 @@ def plot_bra_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
         fig.colorbar(im, ax=ax, label=name)
         ax.set_title(name)
     fig.suptitle(_title(df, f"BRA at {res} px"))
-    return _save(fig, out, "bra_heatmaps")
+    return save_figure(fig, out, "bra_heatmaps")
 
 
 def plot_all(records: list[dict[str, Any]], out: Path | str) -> list[Path]:

@@ -36,7 +36,7 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def _reference(df: pd.DataFrame) -> dict[tuple, pd.Series]:
+def _reference(df: pd.DataFrame) -> tuple[dict[tuple, pd.Series], list[str]]:
     ref = df[(df["label"] == "full") & (df["status"] == "ok")]
     keys = ["resolution", "dim", "heads", "batch", "dtype", "mode", "device"]
     return {tuple(row[k] for k in keys): row for _, row in ref.iterrows()}, keys

@@ -18,6 +18,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from ..attention import AttentionMap, build_attention, format_spec, parse_spec  # noqa: E402
 from .content import FEATURES, use_content_weights  # noqa: E402
+from .plots import save_figure  # noqa: E402
 
 DEFAULT_METHODS = [
     "full",
@@ -193,7 +194,7 @@ def caption(scene: Scene, weights: str, checkpoint: str | None, head: int | None
 def draw_figure(scene: Scene, specs: list[str], pixel_queries: list[tuple[int, int]], out: Path, *,
                 svg: bool = False, **options: Any) -> list[Path]:
     """:func:`make_figure`, written to ``out``; returns the files written."""
-    return _save(make_figure(scene, specs, pixel_queries, **options), out, "attention_maps", svg)
+    return save_figure(make_figure(scene, specs, pixel_queries, **options), out, "attention_maps", svg, dpi=120)
 
 
 def make_figure(scene: Scene, specs: list[str], pixel_queries: list[tuple[int, int]], *, dim: int = 64,
@@ -230,15 +231,6 @@ def make_figure(scene: Scene, specs: list[str], pixel_queries: list[tuple[int, i
     fig.suptitle("what one query attends to, per mechanism", fontsize=11)
     fig.text(0.5, -0.01, caption(scene, weights, checkpoint_name, head, dim), ha="center", va="top", fontsize=7, wrap=True)
     return fig
-
-
-def _save(fig, out: Path, name: str, svg: bool) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.png"] + ([out / f"{name}.svg"] if svg else [])
-    for p in paths:
-        fig.savefig(p, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return paths
 
 
 @dataclass
@@ -290,4 +282,4 @@ def draw_pattern_sheet(scene: Scene, specs: list[str], pixel_query: tuple[int, i
         axes[1][j].set_xlabel("key index")
         axes[1][j].set_ylabel("query index")
     fig.suptitle(f"attention patterns on {Hg}x{Wg} tokens (red: query y={pixel_query[0]}, x={pixel_query[1]})")
-    return _save(fig, out, "attention_patterns", svg), stats
+    return save_figure(fig, out, "attention_patterns", svg, dpi=120), stats
