@@ -36,14 +36,6 @@ class Case:
     threads: int = 0  # CPU threads for torch (0: torch's default)
 
     @property
-    def mechanism(self) -> str:
-        return parse_spec(self.spec)[0]
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return parse_spec(self.spec)[1]
-
-    @property
     def height(self) -> int:
         return self.resolution // self.stride
 
