@@ -106,13 +106,22 @@ class BiLevelRoutingAttention(AttentionBase):
         S = self.n_win
         return t.view(B, S, H // S, S, W // S, c).transpose(2, 3).reshape(B, S * S, (H // S) * (W // S), c)
 
-    def route(self, q: Tensor, k: Tensor) -> Tensor:
-        """Region-level routing: (B, S^2, topk) indices of each region's most affine regions."""
-        q_r, k_r = q.detach().mean(2), k.detach().mean(2)  # (B, S^2, qk_dim)
-        affinity = (q_r * self.scale) @ k_r.transpose(-2, -1)
+    def head_regions(self, t: Tensor) -> Tensor:
+        """(B, H, W, m*c) -> (B, S^2, m, h*w, c) in one copy: the regions, each head's tokens
+        contiguous, so that a routed (region, head) is one row to index and SDPA reads q as is."""
+        B, H, W, C = t.shape
+        S, m = self.n_win, self.num_heads
+        h, w = H // S, W // S
+        return t.view(B, S, h, S, w, m, C // m).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, S * S, m, h * w, C // m)
+
+    def route(self, q_r: Tensor, k_r: Tensor) -> Tensor:
+        """Region-level routing from the region means (B, S^2, qk_dim): (B, S^2, topk)
+        indices of each region's most affine regions."""
+        affinity = (q_r.detach() * self.scale) @ k_r.detach().transpose(-2, -1)
         return torch.topk(affinity, k=self.topk, dim=-1).indices
 
     def lepe_term(self, v: Tensor) -> Tensor:
+        """lepe of v (B, H, W, dim) on the whole map; zeros without lepe."""
         if self.lepe is None:
             return torch.zeros_like(v)
         return self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -125,26 +134,27 @@ class BiLevelRoutingAttention(AttentionBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        B, H_in, W_in, _ = x.shape
-        S = self.n_win
+        H_in, W_in = x.shape[1:3]
+        attend = self.token_attention_gather if self.impl == "gather" else self.token_attention_sdpa
         with stage("projections"):
             x = self.pad(x)
-            H, W = x.shape[1:3]
-            q, k, v = self.qkv(x)  # (B, H, W, c)
-            q_reg, k_reg, v_reg = self.regions(q), self.regions(k), self.regions(v)  # (B, S^2, w2, c)
-        with stage("region routing"):
-            r_idx = self.route(q_reg, k_reg)
-        attend = self.token_attention_gather if self.impl == "gather" else self.token_attention_sdpa
-        out = attend(q_reg, k_reg, v_reg, r_idx)  # (B, S^2, w2, dim)
+            q, k, v = self.qkv(x)  # (B, H, W, c), views of one output
+        out = attend(q, k, v)  # (B, H, W, dim)
         with stage("lepe"):
-            out = out.view(B, S, S, H // S, W // S, self.dim).transpose(2, 3).reshape(B, H, W, self.dim)
-            out = out + self.lepe_term(v)
+            if self.lepe is not None:
+                out = out + self.lepe_term(v)
         with stage("output projection"):
             out = self.wo(out)
-            return out[:, :H_in, :W_in].contiguous() if (H, W) != (H_in, W_in) else out
+            return out[:, :H_in, :W_in].contiguous() if out.shape[1:3] != (H_in, W_in) else out
 
-    def token_attention_gather(self, q: Tensor, k: Tensor, v: Tensor, r_idx: Tensor) -> Tensor:
-        B, R, w2, _ = k.shape
+    def token_attention_gather(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        B, H, W, _ = v.shape
+        S = self.n_win
+        with stage("projections"):
+            q, k, v = self.regions(q), self.regions(k), self.regions(v)  # (B, S^2, w2, c)
+        with stage("region routing"):
+            r_idx = self.route(q.mean(2), k.mean(2))
+        R, w2 = k.shape[1:3]
         with stage("gather"):
             idx = r_idx.view(B, R, self.topk, 1, 1)
             k_sel = torch.gather(k.unsqueeze(1).expand(-1, R, -1, -1, -1), 2, idx.expand(-1, -1, -1, w2, k.shape[-1]))
@@ -153,29 +163,31 @@ class BiLevelRoutingAttention(AttentionBase):
             v_sel = self.heads(v_sel.flatten(2, 3))
         with stage("token attention"):
             attn = (self.heads(q) * self.scale) @ k_sel.transpose(-2, -1)  # (B, R, m, w2, topk*w2)
-            out = attn.softmax(dim=-1) @ v_sel
-            return out.transpose(-3, -2).flatten(-2)  # (B, R, w2, dim)
+            out = (attn.softmax(dim=-1) @ v_sel).transpose(-3, -2).flatten(-2)  # (B, R, w2, dim)
+            return out.view(B, S, S, H // S, W // S, self.dim).transpose(2, 3).reshape(B, H, W, self.dim)
 
-    def token_attention_sdpa(self, q: Tensor, k: Tensor, v: Tensor, r_idx: Tensor) -> Tensor:
-        """The same attention without the expanded gather or a score matrix: the routed
-        regions' keys and values are indexed once, straight into the head-major layout
-        SDPA wants, and fused SDPA runs over all regions as one batch."""
-        B, R, w2, _ = k.shape
-        m, k_n = self.num_heads, self.topk
-        # row (region, head) of the source -> rows (region, head, routed) of the selection
-        rows = (r_idx.unsqueeze(2) * m + torch.arange(m, device=k.device).view(1, 1, m, 1)).flatten(1)
-
-        def select(t: Tensor) -> Tensor:  # (B, R, w2, m*c) -> (B*R, m, topk*w2, c)
-            src = self.heads(t).flatten(1, 2).flatten(2)  # (B, R*m, w2*c), one copy
-            sel = torch.gather(src, 1, rows.unsqueeze(-1).expand(-1, -1, src.shape[-1]))
-            return sel.view(B * R, m, k_n * w2, -1)
-
+    def token_attention_sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The same attention without the expanded gather or a score matrix: each routed
+        (region, head) of k and v is one contiguous row, copied once into the layout SDPA
+        reads, and fused SDPA runs over all regions as one batch."""
+        B, H, W, _ = v.shape
+        S, m, n_sel = self.n_win, self.num_heads, self.topk
+        with stage("projections"):
+            q, k, v = self.head_regions(q), self.head_regions(k), self.head_regions(v)  # (B, S^2, m, w2, c)
+        with stage("region routing"):
+            r_idx = self.route(q.mean(3).flatten(2), k.mean(3).flatten(2))
+        R, w2 = S * S, q.shape[3]
         with stage("gather"):
-            q4 = self.heads(q).reshape(B * R, m, w2, -1)
-            k4, v4 = select(k), select(v)
+            # the source row (batch, region, head) of each (batch, region, head, routed) row
+            batch = torch.arange(B, device=v.device).view(B, 1, 1, 1) * R
+            head = torch.arange(m, device=v.device).view(1, 1, m, 1)
+            rows = ((batch + r_idx.unsqueeze(2)) * m + head).flatten()
+            k = k.view(B * R * m, -1).index_select(0, rows).view(B * R, m, n_sel * w2, -1)
+            v = v.view(B * R * m, -1).index_select(0, rows).view(B * R, m, n_sel * w2, -1)
         with stage("token attention"):
-            out = F.scaled_dot_product_attention(q4, k4, v4, scale=self.scale)  # (B*R, m, w2, c_v)
-            return out.view(B, R, m, w2, -1).transpose(-3, -2).flatten(-2)
+            out = F.scaled_dot_product_attention(q.view(B * R, m, w2, -1), k, v, scale=self.scale)
+            out = out.view(B, S, S, m, H // S, W // S, -1).permute(0, 1, 4, 2, 5, 3, 6)
+            return out.reshape(B, H, W, self.dim)
 
     # -- attention map --------------------------------------------------------------------
 
@@ -188,7 +200,7 @@ class BiLevelRoutingAttention(AttentionBase):
         h, w = H // S, W // S
         q, k, v = self.qkv(x)
         q_reg, k_reg = self.regions(q), self.regions(k)
-        r_idx = self.route(q_reg, k_reg)[0]  # (S^2, topk)
+        r_idx = self.route(q_reg.mean(2), k_reg.mean(2))[0]  # (S^2, topk)
         # flat token id of every (region, slot) on the padded grid
         tok = torch.arange(H * W, device=x.device).view(1, H, W, 1)
         tok_reg = self.regions(tok)[0, :, :, 0]  # (S^2, w2)
