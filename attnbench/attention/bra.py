@@ -45,6 +45,14 @@ class QKVLinear(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
 
+    def separate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The same q, k, v, each from its own rows of the Linear: three contiguous
+        tensors instead of views of one (see GroupedAttention.project)."""
+        widths = (self.qk_dim, self.qk_dim, self.dim)
+        starts = (0, self.qk_dim, 2 * self.qk_dim)
+        w, b = self.qkv.weight, self.qkv.bias
+        return tuple(F.linear(x, w[i : i + n], b[i : i + n]) for i, n in zip(starts, widths))
+
 
 @register_attention(
     "bra",
@@ -138,7 +146,7 @@ class BiLevelRoutingAttention(AttentionBase):
         attend = self.token_attention_gather if self.impl == "gather" else self.token_attention_sdpa
         with stage("projections"):
             x = self.pad(x)
-            q, k, v = self.qkv(x)  # (B, H, W, c), views of one output
+            q, k, v = self.qkv(x) if self.impl == "gather" else self.qkv.separate(x)  # (B, H, W, c) each
         out = attend(q, k, v)  # (B, H, W, dim)
         with stage("lepe"):
             if self.lepe is not None:

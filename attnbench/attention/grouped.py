@@ -102,8 +102,8 @@ def _to_groups(t: Tensor, layout: GroupLayout) -> Tensor:
     B, N, h, d = t.shape
     if layout.identity:
         return t.transpose(1, 2)  # (B, h, N, d): the batch is the group axis
-    # a contiguous source first: indexing a strided view of the qkv output is slower
-    t = torch.cat([t, t.new_zeros(B, 1, h, d)], dim=1) if layout.padded else t.contiguous()
+    if layout.padded:
+        t = torch.cat([t, t.new_zeros(B, 1, h, d)], dim=1)
     t = t[:, layout.index]  # (B, G, L, h, d)
     return t.permute(1, 0, 3, 2, 4).reshape(layout.groups, B * h, layout.size, d)
 
@@ -118,16 +118,18 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, i
     return scores.softmax(dim=-1) @ v
 
 
-def grouped_attention(qkv: Tensor, layout: GroupLayout, bias: Tensor | None, scale: float, impl: str = "sdpa") -> Tensor:
-    """qkv: (B, N, 3, h, d) -> (B, N, h, d), each query attending within its group.
+def grouped_attention(
+    q: Tensor, k: Tensor, v: Tensor, layout: GroupLayout, bias: Tensor | None, scale: float, impl: str = "sdpa"
+) -> Tensor:
+    """q, k, v: (B, N, h, d) -> (B, N, h, d), each query attending within its group.
     ``bias``: an additive (1, h, L, L) bias for every group (relative positions), or None.
     Clean groups and masked groups run as two calls, so the mask is only materialised,
     and only slows the kernel, where it is needed."""
-    B, N, _, h, d = qkv.shape
+    B, N, h, d = q.shape
     if bias is not None and not layout.identity and B > 1:
         bias = bias.repeat(1, B, 1, 1)  # per-head bias for every batch item in the B*h axis
     with stage("partition"):
-        q, k, v = (_to_groups(t, layout) for t in qkv.unbind(2))
+        q, k, v = (_to_groups(t, layout) for t in (q, k, v))
     with stage("attention"):
         c = layout.clean
         if layout.mask is None:
@@ -211,22 +213,33 @@ class GroupedAttention(AttentionBase):
         """An additive (1, heads, L, L) bias from parameters (relative position bias)."""
         return None
 
-    def _qkv(self, x: Tensor) -> Tensor:
-        """(B, H, W, C) -> (B, N, 3, heads, head_dim)"""
+    def project(self, x: Tensor, heads: slice) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of the heads ``heads``: (B, N, h, d) each.
+
+        Each comes from its own rows of the one qkv Linear (the state dict stays timm's),
+        so each is contiguous for the partition to index: slicing a (B, N, 3C) output
+        instead costs a copy per tensor, and on the CPU that 3C-wide output is big enough
+        to be page-faulted in afresh on every call."""
         B, H, W, C = x.shape
-        return self.qkv(x).view(B, H * W, 3, self.num_heads, self.head_dim)
+        d = self.head_dim
+        out = []
+        for part in range(3):
+            rows = slice(part * C + heads.start * d, part * C + heads.stop * d)
+            bias = None if self.qkv.bias is None else self.qkv.bias[rows]
+            out.append(F.linear(x, self.qkv.weight[rows], bias).view(B, H * W, -1, d))
+        return out[0], out[1], out[2]
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         B, H, W, C = x.shape
-        with stage("qkv"):
-            qkv = self._qkv(x)
         outs = []
         for i, (heads, layout) in enumerate(self.branches(H, W, x.device)):
+            with stage("qkv"):
+                q, k, v = self.project(x, heads)
             with stage("bias"):
                 bias = self.learned_bias(i)
-                bias = None if bias is None else bias.to(qkv.dtype)
-            outs.append(grouped_attention(qkv[..., heads, :], layout, bias, self.scale, self.impl))
+                bias = None if bias is None else bias.to(q.dtype)
+            outs.append(grouped_attention(q, k, v, layout, bias, self.scale, self.impl))
         with stage("proj"):
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
             return self.proj(out.reshape(B, H, W, C))
@@ -236,7 +249,7 @@ class GroupedAttention(AttentionBase):
         queries = self.check_queries(x, queries)
         x = x[:1]
         H, W = x.shape[1:3]
-        q, k, v = self._qkv(x)[0].unbind(1)  # (N, h, d)
+        q, k, v = (t[0] for t in self.project(x, slice(0, self.num_heads)))  # (N, h, d)
         tokens = torch.tensor([y * W + xx for y, xx in queries], device=x.device)
         rows, groups = [], []
         for i, (heads, layout) in enumerate(self.branches(H, W, x.device)):
