@@ -21,9 +21,7 @@ from typing import Any
 import pandas as pd
 
 from ..measure.case import RESULT_KEY as KEY
-from .table import number
-
-SHAPE = KEY[2:]  # everything but the mechanism and its parameters
+from .table import is_reference, number, references, shape_of
 NEEDED = set(KEY) | {"macs", "latency_ms", "peak_mem_mb", "status"}
 
 
@@ -93,11 +91,8 @@ class Row:
 
 
 def _references(run: RunResults) -> dict[tuple, float]:
-    return {
-        tuple(r[k] for k in SHAPE): number(r["latency_ms"])
-        for r in run.records
-        if r["mechanism"] == "full" and r["params"] == "" and r["status"] == "ok" and number(r["latency_ms"])
-    }
+    refs = {shape: number(r["latency_ms"]) for shape, r in references(run.records).items()}
+    return {shape: ms for shape, ms in refs.items() if ms}
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -165,9 +160,8 @@ def _latency(b, c, key, base_ref, cur_ref, base_gemm, cur_gemm, tol, floor_ms):
     bl, cl = number(b["latency_ms"]), number(c["latency_ms"])
     if not bl or not cl:
         return None
-    shape = tuple(c[k] for k in SHAPE)
-    is_ref = c["mechanism"] == "full" and c["params"] == ""
-    if not is_ref and shape in base_ref and shape in cur_ref:
+    shape = shape_of(c)
+    if not is_reference(c) and shape in base_ref and shape in cur_ref:
         scale, against = cur_ref[shape] / base_ref[shape], "full attention"
     elif base_gemm and cur_gemm:
         scale, against = base_gemm / cur_gemm, "the calibration GEMM"  # a slower machine has a lower rate

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .table import frame  # noqa: E402
+from .table import frame, references, shape_of  # noqa: E402
 
 METRICS = [("latency_ms", "latency (ms)"), ("peak_mem_mb", "peak memory (MiB)"), ("gmacs", "GMACs")]
 
@@ -45,14 +45,12 @@ def scaling_exponent(tokens: np.ndarray, values: np.ndarray) -> float | None:
 
 def crossovers(df: pd.DataFrame) -> dict[str, int]:
     """Per mechanism, the smallest resolution at which it is faster than fused full attention."""
-    ok = df[df["status"] == "ok"]
-    full = ok[ok["label"] == "full"].set_index("resolution")["latency_ms"]
+    refs = references(df)
     out = {}
-    for label, rows in ok[ok["label"] != "full"].groupby("label"):
-        for _, r in rows.sort_values("resolution").iterrows():
-            if r["resolution"] in full.index and r["latency_ms"] < full[r["resolution"]]:
-                out[label] = int(r["resolution"])
-                break
+    for _, r in df[df["status"] == "ok"].sort_values("resolution").iterrows():
+        ref = refs.get(shape_of(r))
+        if r["label"] not in out and ref is not None and r["label"] != ref["label"] and r["latency_ms"] < ref["latency_ms"]:
+            out[r["label"]] = int(r["resolution"])
     return out
 
 

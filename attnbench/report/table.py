@@ -7,6 +7,9 @@ from typing import Any
 
 import pandas as pd
 
+from ..measure.case import RESULT_KEY
+
+SHAPE = RESULT_KEY[2:]  # what a case is, less the mechanism and its parameters
 COLUMNS = [
     "mechanism",
     "tokens",
@@ -36,10 +39,21 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def _reference(df: pd.DataFrame) -> tuple[dict[tuple, pd.Series], list[str]]:
-    ref = df[(df["label"] == "full") & (df["status"] == "ok")]
-    keys = ["resolution", "dim", "heads", "batch", "dtype", "mode", "device"]
-    return {tuple(row[k] for k in keys): row for _, row in ref.iterrows()}, keys
+def shape_of(r: Any) -> tuple:
+    """The shape fields of a record (a dict or a frame row)."""
+    return tuple(r[k] for k in SHAPE)
+
+
+def is_reference(r: Any) -> bool:
+    """Fused full attention (``full``, SDPA) that ran: what every relative figure divides by."""
+    params = r["params"]
+    return r["mechanism"] == "full" and not (isinstance(params, str) and params) and r["status"] == "ok"
+
+
+def references(records: Any) -> dict[tuple, Any]:
+    """The reference record per shape, from records (dicts) or a frame's rows."""
+    rows = (r for _, r in records.iterrows()) if isinstance(records, pd.DataFrame) else records
+    return {shape_of(r): r for r in rows if is_reference(r)}
 
 
 def number(x: Any) -> float | None:
@@ -55,10 +69,10 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     df = frame(records)
     if df.empty:
         return []
-    refs, keys = _reference(df)
+    refs = references(df)
     rows = []
     for _, r in df.iterrows():
-        ref = refs.get(tuple(r[k] for k in keys))
+        ref = refs.get(shape_of(r))
         lat, iqr, mem, macs, rate, frac = (
             number(r.get(c)) for c in ("latency_ms", "latency_iqr_ms", "peak_mem_mb", "macs", "gflops", "gemm_fraction")
         )
