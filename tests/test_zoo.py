@@ -268,6 +268,23 @@ def test_map_rebuilds_the_output(spec, H, W):
     assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    ["window:window_size=4,shift=2", "axial:stripe=2", "dilated:window_size=3,dilation=2", "full",
+     "deformable:stride=2", "bra:n_win=3,topk=2", "bra:n_win=3,topk=2,impl=gather"],
+)
+def test_a_batch_equals_its_items_one_by_one(spec):
+    """Batch items never mix: groups, masks and routing are per item (11x13 pads every pattern)."""
+    torch.manual_seed(0)
+    m = build_attention(spec, DIM, HEADS)
+    x = rand_x(11, 13, B=3)
+    with torch.no_grad():
+        together = m(x)
+        alone = torch.cat([m(x[i : i + 1]) for i in range(3)])
+    diff = (together - alone).abs().max().item()
+    assert diff <= ATOL, f"{spec}: max abs difference {diff}"
+
+
 def test_map_zero_means_not_attended():
     """Keys with zero map weight do not influence the query's output."""
     torch.manual_seed(0)

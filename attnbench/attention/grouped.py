@@ -92,20 +92,30 @@ def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _to_groups(t: Tensor, layout: GroupLayout) -> Tensor:
-    """(B, N, h, d) -> (G, B*h, L, d), padding slots filled with zeros.
+def partition(x: Tensor, layout: GroupLayout) -> Tensor:
+    """Tokens (B, N, C) -> groups (G*B, L, C), group-major with the batch inside, so that
+    the clean groups are the first ``clean * B`` rows; padding slots are zero tokens.
 
-    Groups lead and batch joins the heads so that SDPA gets 4-d inputs (its fused CPU and
-    CUDA kernels take nothing else) and a (G, 1, L, L) mask broadcasts without a copy.
-    (Gathering q, k and v in one go, or putting the groups in SDPA's head axis, measured
-    slower on the CPU.)"""
-    B, N, h, d = t.shape
+    The input is grouped before the projections, not q, k and v after them: one copy of
+    C channels instead of three, and the projections then write each group's q, k, v
+    where SDPA reads them (a head-split view, no transpose copy). A padding slot's
+    q, k, v are the projection biases; the mask keeps them from every real query."""
+    B, N, C = x.shape
     if layout.identity:
-        return t.transpose(1, 2)  # (B, h, N, d): the batch is the group axis
+        return x  # one group: (B, N, C) is (G*B, L, C) already
     if layout.padded:
-        t = torch.cat([t, t.new_zeros(B, 1, h, d)], dim=1)
-    t = t[:, layout.index]  # (B, G, L, h, d)
-    return t.permute(1, 0, 3, 2, 4).reshape(layout.groups, B * h, layout.size, d)
+        x = torch.cat([x, x.new_zeros(B, 1, C)], dim=1)
+    return x[:, layout.index].transpose(0, 1).reshape(-1, layout.size, C)  # a copy; a view for B = 1
+
+
+def merge(out: Tensor, layout: GroupLayout) -> Tensor:
+    """Attention output (G*B, h, L, d) -> tokens (B, N, h*d), the inverse of :func:`partition`."""
+    GB, h, L, d = out.shape
+    B = GB // layout.groups
+    if layout.identity:
+        return out.transpose(1, 2).reshape(B, L, h * d)
+    out = out.view(layout.groups, B, h, L, d).permute(1, 0, 3, 2, 4).reshape(B, -1, h * d)
+    return out[:, layout.inverse]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, impl: str) -> Tensor:
@@ -121,30 +131,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, i
 def grouped_attention(
     q: Tensor, k: Tensor, v: Tensor, layout: GroupLayout, bias: Tensor | None, scale: float, impl: str = "sdpa"
 ) -> Tensor:
-    """q, k, v: (B, N, h, d) -> (B, N, h, d), each query attending within its group.
+    """q, k, v: (G*B, h, L, d) as :func:`partition` orders the groups -> (G*B, h, L, d).
     ``bias``: an additive (1, h, L, L) bias for every group (relative positions), or None.
     Clean groups and masked groups run as two calls, so the mask is only materialised,
     and only slows the kernel, where it is needed."""
-    B, N, h, d = q.shape
-    if bias is not None and not layout.identity and B > 1:
-        bias = bias.repeat(1, B, 1, 1)  # per-head bias for every batch item in the B*h axis
-    with stage("partition"):
-        q, k, v = (_to_groups(t, layout) for t in (q, k, v))
-    with stage("attention"):
-        c = layout.clean
-        if layout.mask is None:
-            out = attend(q, k, v, bias, scale, impl)
-        else:
-            mask = layout.mask.to(q.dtype)  # (G - c, 1, L, L)
-            mask = mask if bias is None else bias + mask
-            masked = attend(q[c:], k[c:], v[c:], mask, scale, impl)
-            out = torch.cat([attend(q[:c], k[:c], v[:c], bias, scale, impl), masked]) if c else masked
-    del q, k, v  # the grouped copies: free them before the merge makes its own
-    if layout.identity:
-        return out.transpose(1, 2)
-    with stage("merge"):
-        out = out.view(layout.groups, B, h, layout.size, d).permute(1, 0, 3, 2, 4).reshape(B, -1, h, d)
-        return out[:, layout.inverse]
+    if layout.mask is None:
+        return attend(q, k, v, bias, scale, impl)
+    B = q.shape[0] // layout.groups
+    c = layout.clean * B
+    mask = layout.mask.to(q.dtype)  # (G - clean, 1, L, L)
+    mask = mask.repeat_interleave(B, dim=0) if B > 1 else mask
+    mask = mask if bias is None else bias + mask
+    masked = attend(q[c:], k[c:], v[c:], mask, scale, impl)
+    return torch.cat([attend(q[:c], k[:c], v[:c], bias, scale, impl), masked]) if c else masked
 
 
 def grouped_rows(q: Tensor, k: Tensor, layout: GroupLayout, bias: Tensor | None, scale: float, tokens: Tensor) -> Tensor:
@@ -214,42 +213,48 @@ class GroupedAttention(AttentionBase):
         return None
 
     def project(self, x: Tensor, heads: slice) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v of the heads ``heads``: (B, N, h, d) each.
+        """q, k, v of the heads ``heads`` for tokens x (..., C): (..., h, d) each.
 
         Each comes from its own rows of the one qkv Linear (the state dict stays timm's),
-        so each is contiguous for the partition to index: slicing a (B, N, 3C) output
-        instead costs a copy per tensor, and on the CPU that 3C-wide output is big enough
-        to be page-faulted in afresh on every call."""
-        B, H, W, C = x.shape
-        d = self.head_dim
+        so each is contiguous: slicing a (..., 3C) output instead costs a copy per tensor,
+        and on the CPU that 3C-wide output is big enough to be page-faulted in afresh on
+        every call."""
+        C, d = self.dim, self.head_dim
         out = []
         for part in range(3):
             rows = slice(part * C + heads.start * d, part * C + heads.stop * d)
             bias = None if self.qkv.bias is None else self.qkv.bias[rows]
-            out.append(F.linear(x, self.qkv.weight[rows], bias).view(B, H * W, -1, d))
+            out.append(F.linear(x, self.qkv.weight[rows], bias).unflatten(-1, (-1, d)))
         return out[0], out[1], out[2]
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         B, H, W, C = x.shape
+        tokens = x.view(B, H * W, C)
         outs = []
         for i, (heads, layout) in enumerate(self.branches(H, W, x.device)):
+            with stage("partition"):
+                groups = partition(tokens, layout)  # (G*B, L, C)
             with stage("qkv"):
-                q, k, v = self.project(x, heads)
+                q, k, v = (t.transpose(1, 2) for t in self.project(groups, heads))  # (G*B, h, L, d) views
             with stage("bias"):
                 bias = self.learned_bias(i)
                 bias = None if bias is None else bias.to(q.dtype)
-            outs.append(grouped_attention(q, k, v, layout, bias, self.scale, self.impl))
+            with stage("attention"):
+                out = grouped_attention(q, k, v, layout, bias, self.scale, self.impl)
+            del q, k, v, groups  # free them before the merge makes its copies
+            with stage("merge"):
+                outs.append(merge(out, layout))  # (B, N, h*d)
         with stage("proj"):
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-            return self.proj(out.reshape(B, H, W, C))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            return self.proj(out.view(B, H, W, C))
 
     @torch.no_grad()
     def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
         queries = self.check_queries(x, queries)
         x = x[:1]
         H, W = x.shape[1:3]
-        q, k, v = (t[0] for t in self.project(x, slice(0, self.num_heads)))  # (N, h, d)
+        q, k, v = (t[0].flatten(0, 1) for t in self.project(x, slice(0, self.num_heads)))  # (N, h, d)
         tokens = torch.tensor([y * W + xx for y, xx in queries], device=x.device)
         rows, groups = [], []
         for i, (heads, layout) in enumerate(self.branches(H, W, x.device)):

@@ -4,9 +4,12 @@ N = H * W tokens, C = dim. Padded grids (written Np) count the padded tokens tha
 mechanism computes on; for divisible sizes every formula reduces to the paper's:
 
 - full       4NC^2 + 2N^2C                                  (Swin, Eq. 1)
-- window     4NC^2 + 2M^2 Np C                              (Swin, Eq. 2)
-- axial      HWC(4C + sw H + sw W)                          (CSWin, Sec. 3.4)
-- dilated    4NC^2 + 2k^2 Np C                              (as W-MSA, on dilated windows)
+- window     3Np C^2 + NC^2 + 2M^2 Np C                     (Swin, Eq. 2: 4NC^2 + 2M^2 NC)
+- axial      3/2 (Np_h + Np_v) C^2 + NC^2 + (Np_h sw W + Np_v sw H) C
+                                                            (CSWin, Sec. 3.4: HWC(4C + sw H + sw W))
+- dilated    3Np C^2 + NC^2 + 2k^2 Np C                     (as W-MSA, on dilated windows)
+  (q, k and v are projected on the padded groups, as timm's Swin pads before its qkv;
+  the output projection runs on the N real tokens)
 - deformable 2N Ns C + 2NC^2 + 2Ns C^2 + (k^2 + 2) Ns C      (DAT, Sec. 3.3; Ns = Hk Wk samples)
              + 9 Ns C  (fvcore's convention for the offset net's LayerNorm, 5 per value, and
              the bilinear sampling, 4 per value; the paper leaves both out)
@@ -35,21 +38,22 @@ def _full(N: int, H: int, W: int, C: int, heads: int, p: dict) -> int:
 def _window(N, H, W, C, heads, p):
     M = p["window_size"]
     Np = _ceil(H, M) * M * _ceil(W, M) * M
-    return 4 * N * C * C + 2 * M * M * Np * C
+    return 3 * Np * C * C + N * C * C + 2 * M * M * Np * C
 
 
 def _axial(N, H, W, C, heads, p):
     sh, sw = min(p["stripe"], H), min(p["stripe"], W)
-    rows = _ceil(H, sh) * sh * W * (sh * W)  # horizontal stripes: padded queries x stripe keys
-    cols = _ceil(W, sw) * sw * H * (sw * H)
-    return 4 * N * C * C + (rows + cols) * C  # each half of the channels: 2 * L * L * C/2
+    Np_h, Np_v = _ceil(H, sh) * sh * W, _ceil(W, sw) * sw * H  # each half's padded tokens
+    qkv = 3 * (Np_h + Np_v) * C * (C // 2)  # each half projects its C/2 channels of q, k, v
+    attention = (Np_h * sh * W + Np_v * sw * H) * C  # each half: 2 * queries * stripe keys * C/2
+    return qkv + N * C * C + attention
 
 
 def _dilated(N, H, W, C, heads, p):
     k, d = p["window_size"], p["dilation"]
     dy, dx = (d, d) if d else (_ceil(H, k), _ceil(W, k))  # 0: MaxViT grid
     Np = _ceil(H, k * dy) * k * dy * _ceil(W, k * dx) * k * dx
-    return 4 * N * C * C + 2 * k * k * Np * C
+    return 3 * Np * C * C + N * C * C + 2 * k * k * Np * C
 
 
 def _deformable(N, H, W, C, heads, p):
