@@ -230,7 +230,7 @@ class GroupedAttention(AttentionBase):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         B, H, W, C = x.shape
-        tokens = x.view(B, H * W, C)
+        tokens = x.reshape(B, H * W, C)
         outs = []
         for i, (heads, layout) in enumerate(self.branches(H, W, x.device)):
             with stage("partition"):
