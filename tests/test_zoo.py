@@ -386,3 +386,14 @@ def test_query_outside_the_grid_fails_clearly():
     m = build_attention("full", DIM, HEADS)
     with pytest.raises(ValueError, match=r"query \(8, 0\) is outside the 8x8"):
         m.attention_map(rand_x(8, 8, B=1), [(8, 0)])
+
+
+@pytest.mark.parametrize("spec", ["full", "window:window_size=4,shift=2", "axial", "dilated", "deformable:stride=2", "bra:n_win=3"])
+def test_a_permuted_input_view_gives_the_same_output(spec):
+    """An NCHW tensor permuted to (B, H, W, C) is a non-contiguous view; it must work as is."""
+    torch.manual_seed(0)
+    m = build_attention(spec, DIM, HEADS)
+    x = torch.randn(2, DIM, 11, 13).permute(0, 2, 3, 1)
+    with torch.no_grad():
+        diff = (m(x) - m(x.contiguous())).abs().max().item()
+    assert diff <= ATOL, f"{spec}: {diff}"
