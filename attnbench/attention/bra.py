@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AttentionBase, AttentionMap, check_range, stage
+from .base import AttentionBase, AttentionMap, check_range, linear_rows, stage
 from .registry import Param, register_attention
 
 
@@ -46,12 +46,10 @@ class QKVLinear(nn.Module):
         return self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
 
     def separate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The same q, k, v, each from its own rows of the Linear: three contiguous
-        tensors instead of views of one (see GroupedAttention.project)."""
-        widths = (self.qk_dim, self.qk_dim, self.dim)
-        starts = (0, self.qk_dim, 2 * self.qk_dim)
-        w, b = self.qkv.weight, self.qkv.bias
-        return tuple(F.linear(x, w[i : i + n], b[i : i + n]) for i, n in zip(starts, widths))
+        """The same q, k, v as three contiguous tensors instead of views of one."""
+        qk = self.qk_dim
+        q, k, v = linear_rows(x, self.qkv, [slice(0, qk), slice(qk, 2 * qk), slice(2 * qk, 2 * qk + self.dim)])
+        return q, k, v
 
 
 @register_attention(
@@ -143,10 +141,12 @@ class BiLevelRoutingAttention(AttentionBase):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         H_in, W_in = x.shape[1:3]
-        attend = self.token_attention_gather if self.impl == "gather" else self.token_attention_sdpa
+        if self.impl == "gather":  # the official fused projection and gather
+            project, attend = self.qkv, self.token_attention_gather
+        else:
+            project, attend = self.qkv.separate, self.token_attention_sdpa
         with stage("projections"):
-            x = self.pad(x)
-            q, k, v = self.qkv(x) if self.impl == "gather" else self.qkv.separate(x)  # (B, H, W, c) each
+            q, k, v = project(self.pad(x))  # (B, H, W, c) each
         out = attend(q, k, v)  # (B, H, W, dim)
         with stage("lepe"):
             if self.lepe is not None:

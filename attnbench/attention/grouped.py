@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AttentionBase, AttentionMap, stage
+from .base import AttentionBase, AttentionMap, linear_rows, stage
 
 
 @dataclass
@@ -213,19 +213,12 @@ class GroupedAttention(AttentionBase):
         return None
 
     def project(self, x: Tensor, heads: slice) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v of the heads ``heads`` for tokens x (..., C): (..., h, d) each.
-
-        Each comes from its own rows of the one qkv Linear (the state dict stays timm's),
-        so each is contiguous: slicing a (..., 3C) output instead costs a copy per tensor,
-        and on the CPU that 3C-wide output is big enough to be page-faulted in afresh on
-        every call."""
+        """q, k, v of the heads ``heads`` for tokens x (..., C): (..., h, d) each, each from
+        its own rows of the one qkv Linear (timm's state dict), so each is contiguous."""
         C, d = self.dim, self.head_dim
-        out = []
-        for part in range(3):
-            rows = slice(part * C + heads.start * d, part * C + heads.stop * d)
-            bias = None if self.qkv.bias is None else self.qkv.bias[rows]
-            out.append(F.linear(x, self.qkv.weight[rows], bias).unflatten(-1, (-1, d)))
-        return out[0], out[1], out[2]
+        rows = [slice(part * C + heads.start * d, part * C + heads.stop * d) for part in range(3)]
+        q, k, v = (t.unflatten(-1, (-1, d)) for t in linear_rows(x, self.qkv, rows))
+        return q, k, v
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
