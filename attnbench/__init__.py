@@ -1,7 +1,26 @@
-"""attnbench: what attention mechanisms for vision transformers cost, and what they attend to."""
+"""attnbench: what attention mechanisms for vision transformers cost, and what they attend to.
 
-from .attention import AttentionMap, build_attention, format_spec, list_attentions, parse_spec
+The zoo's API is importable from here (``from attnbench import AttentionBase,
+register_attention, Param``); it is loaded on first use, so that the torch-free parts
+(result schema, reports, the perf gate) start without importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionMap", "build_attention", "format_spec", "list_attentions", "parse_spec"]
+_ZOO = (
+    "AttentionBase", "AttentionMap", "Mark", "Param", "Shape", "build_attention", "format_spec", "list_attentions",
+    "load_plugins", "parse_spec", "register_attention",
+)
+__all__ = list(_ZOO)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ZOO:
+        from . import attention
+
+        return getattr(attention, name)
+    raise AttributeError(f"module 'attnbench' has no attribute {name!r}")

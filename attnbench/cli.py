@@ -1,4 +1,8 @@
-"""The `bench` command line: composes the zoo, the measurement core, the sweep and the reports."""
+"""The `bench` command line: composes the zoo, the measurement core, the sweep and the reports.
+
+torch is imported by the commands that measure or draw, not at start-up: `bench compare`
+and `bench plot` read results without it.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +19,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .attention import build_attention, list_attentions, parse_spec
-from .attention.registry import format_value
-from .measure import check_case, environment, gemm_gflops, run_isolated
-from .measure.case import DTYPES
-from .measure.isolate import available_memory_bytes
-from .report import plot_all, summary_markdown, summary_rows
+from .report import summary_markdown, summary_rows
 from .report.compare import compare_runs, environment_differences, gate_failed, load_results
 from .report.table import COLUMNS
-from .sweep import PRESETS, ResultsStore, build_cases, case_key, preset
+from .schema import DTYPE_NAMES
+from .sweep import PRESETS, ResultsStore, build_cases, preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="attnbench: what vision attention costs, and what it attends to.")
 # piped output (a log, CI) gets room for the results table instead of the default 80 columns
@@ -44,21 +44,43 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+PLUGIN_HELP = "a .py file or an importable module that registers mechanisms; repeatable (installed plugins load by themselves)"
+
+
+def load_plugin_options(plugins: list[str] | None) -> list[str]:
+    """Load --plugin files and modules (and the installed ones); their keys, for the children.
+    A plugin that fails, or clashes with another, exits 2 naming it."""
+    from .attention import load_plugins
+
+    try:
+        return load_plugins(plugins or [])
+    except ValueError as exc:
+        fail(str(exc))
+    return []
+
+
 @app.callback()
 def _root() -> None:
     """attnbench: what vision attention costs, and what it attends to."""
 
 
 @app.command("list")
-def list_command() -> None:
+def list_command(plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP)) -> None:
     """List the attention mechanisms with their parameters, defaults and ranges, and the presets."""
+    from .attention import list_attentions
+    from .attention.registry import format_value
+
+    load_plugin_options(plugin)
     table = Table(title="attention mechanisms (spec: NAME:key=value,...)", show_lines=True)
     table.add_column("name", style="bold")
     table.add_column("description")
     table.add_column("parameters (default; allowed)")
+    table.add_column("from")
     for info in list_attentions():
         params = "\n".join(escape(f"{p.name}={format_value(p.default)}  [{p.allowed()}]  {p.help}") for p in info.params)
-        table.add_row(info.name, escape(info.description), params or "-")
+        module, _, path = info.source.partition(" (")
+        where = path.rstrip(")") if module.startswith("attnbench_plugin_") else module  # a --plugin file: its path
+        table.add_row(info.name, escape(info.description), params or "-", escape(where))
     console.print(table)
     presets = Table(title="presets (bench run --preset NAME)")
     presets.add_column("name", style="bold")
@@ -82,6 +104,8 @@ def split_methods(values: list[str]) -> list[str]:
                 specs.append(piece)
     if not specs:
         raise ValueError("--methods is empty; give at least one mechanism")
+    from .attention import parse_spec
+
     for spec in specs:
         parse_spec(spec)
     return specs
@@ -100,6 +124,8 @@ def parse_size(text: str, device: str) -> int:
     if unit == "%":
         if not 0 < value <= 100:
             raise ValueError(f"--mem-limit {text} must be a percentage in (0, 100]")
+        from .measure.isolate import available_memory_bytes
+
         return int(available_memory_bytes(device) * value / 100)
     return int(value * _UNITS[unit.lower()])
 
@@ -117,6 +143,8 @@ def _results_table(records: list[dict[str, Any]], title: str) -> Table:
 
 
 def write_reports(store: ResultsStore) -> list[Path]:
+    from .report.plots import plot_all
+
     records = store.records()
     env = json.loads(store.env_path.read_text()) if store.env_path.exists() else None
     (store.folder / "summary.md").write_text(summary_markdown(records, env))
@@ -141,7 +169,7 @@ def run_command(
     dim: int = typer.Option(64, help="channels C of the feature map (64: BiFormer-T stage 1)"),
     heads: int = typer.Option(2, help="attention heads (2: BiFormer-T stage 1)"),
     batch: int = typer.Option(1, help="batch size"),
-    dtype: str = typer.Option("float32", help=f"one of {', '.join(DTYPES)} (the device must support it)"),
+    dtype: str = typer.Option("float32", help=f"one of {', '.join(DTYPE_NAMES)} (the device must support it)"),
     mode: str = typer.Option("fwd", help="fwd: inference forward; fwdbwd: forward + backward"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when present, else cpu)"),
     methods: list[str] = typer.Option(None, "--methods", "-m", help="mechanism names or specs, e.g. window:window_size=8,shift=4; repeat or join with commas (replaces the preset's)"),
@@ -154,8 +182,13 @@ def run_command(
     out: Optional[Path] = typer.Option(None, help="results folder (default: results/<date>-<device>-r<resolutions>)"),
     resume: bool = typer.Option(False, help="continue the run in --out, skipping the cases it already holds"),
     force: bool = typer.Option(False, help="set the results already in --out aside (into a previous-* subfolder) and start afresh"),
+    plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Measure every mechanism of a preset (or --methods) at each resolution; write results, a table and plots."""
+    from .measure import check_case, environment, gemm_gflops, run_isolated
+    from .measure.case import DTYPES, case_key
+
+    plugins = load_plugin_options(plugin)
     try:
         chosen = preset(preset_name)
         specs = split_methods(methods) if methods else None
@@ -174,6 +207,8 @@ def run_command(
     folder = out or default_folder(device, resolutions, resume)
     store = ResultsStore(folder)
     config = {"preset": None if specs else chosen.name, "methods": specs, "resolutions": list(resolutions), **fields}
+    if plugins:
+        config["plugins"] = plugins
     if store.exists():
         old = store.config()
         if force:
@@ -185,7 +220,10 @@ def run_command(
         elif old is not None and old != config:
             fail(f"{folder} holds results of another configuration ({old}); --resume needs the same options, or use --out elsewhere")
 
-    done = store.done() if resume else set()
+    try:
+        done = store.done() if resume else set()
+    except ValueError as exc:
+        fail(str(exc))
     if threads:
         import torch
 
@@ -205,7 +243,8 @@ def run_command(
         task = progress.add_task("starting", total=len(todo))
         for case in todo:
             progress.update(task, description=f"{case.spec} @ {case.resolution}px")
-            result = run_isolated(case, mem_limit_bytes=bound, timeout_s=timeout, budget_s=budget, gemm_gflops=env["gemm_gflops"])
+            result = run_isolated(case, mem_limit_bytes=bound, timeout_s=timeout, budget_s=budget,
+                                  gemm_gflops=env["gemm_gflops"], plugins=tuple(plugins))
             store.append(result)
             if result.status != "ok":
                 progress.console.print(f"  {escape(case.spec)} @ {case.resolution}px: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
@@ -227,9 +266,31 @@ def plot_command(results: Path = typer.Argument(..., help="a results folder writ
         fail(str(exc))
     if not records:
         fail(f"{store.jsonl} holds no results")
-    written = write_reports(store)
+    try:
+        written = write_reports(store)
+    except ValueError as exc:
+        fail(str(exc))
     console.print(_results_table(records, str(results)))
     console.print("wrote " + ", ".join(p.name for p in written))
+
+
+@app.command("migrate")
+def migrate_command(results: Path = typer.Argument(..., help="a results folder written by an older bench run")) -> None:
+    """Rewrite a results folder's records in the current schema (canonical keys); the original
+    results.jsonl is kept as results.schema1.jsonl."""
+    from .measure.case import migrate_record
+
+    store = ResultsStore(results)
+    if not store.jsonl.exists():
+        fail(f"{results} holds no results.jsonl; give a folder written by bench run")
+    try:
+        kept = store.migrate(migrate_record)
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        fail(f"{store.jsonl} cannot be migrated: {exc}")
+    if kept is None:
+        console.print(f"{store.jsonl} is in the current schema already; nothing to do")
+        return
+    console.print(f"migrated {store.jsonl} (the original is kept as {kept.name}); `bench plot {results}` redraws its figures")
 
 
 @app.command("compare")
@@ -292,17 +353,21 @@ def viz_command(
     kind: str = typer.Option("maps", help="maps: attention maps on the image; pattern: the pattern sheet"),
     out: Path = typer.Option(Path("results/viz"), help="output folder"),
     svg: bool = typer.Option(False, help="also write SVG"),
+    plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Draw what each mechanism attends to on a real image (maps), or its pattern sheet."""
+    from .attention import build_attention
     from .report.content import content_tokens, load_image
-    from .report.viz import DEFAULT_METHODS, Scene, default_queries, draw_figure, draw_pattern_sheet, load_checkpoint
+    from .report.viz import Scene, default_methods, default_queries, draw_figure, draw_pattern_sheet, load_checkpoint
+
+    load_plugin_options(plugin)
 
     try:
         if kind not in ("maps", "pattern"):
             raise ValueError(f"unknown --kind '{kind}'; use maps or pattern")
         if stride < 1:
             raise ValueError(f"--stride {stride} must be >= 1")
-        specs = split_methods(methods) if methods else DEFAULT_METHODS
+        specs = split_methods(methods) if methods else default_methods()
         for spec in specs:
             build_attention(spec, dim, heads)  # bad parameters fail here, before any drawing
         picture = load_image(image, resolution, stride)
@@ -336,14 +401,18 @@ def profile_command(
     dim: int = typer.Option(64, help="channels"),
     heads: int = typer.Option(2, help="attention heads"),
     batch: int = typer.Option(1, help="batch size"),
-    dtype: str = typer.Option("float32", help=f"one of {', '.join(DTYPES)}"),
+    dtype: str = typer.Option("float32", help=f"one of {', '.join(DTYPE_NAMES)}"),
     mode: str = typer.Option("fwd", help="fwd or fwdbwd (the backward shows as 'other')"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
     runs: int = typer.Option(3, help="profiled calls, after one warm-up call"),
+    plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Time the stages of one mechanism (for BRA: projections, routing, gather, token attention, lepe, output)."""
+    from .measure import check_case
     from .measure.case import Case, build_case, make_step
     from .measure.profile import profile_stages
+
+    load_plugin_options(plugin)
 
     try:
         device = resolve_device(device)

@@ -3,7 +3,7 @@
 The store is a folder: ``results.jsonl`` gets one line per case the moment it finishes
 (an interrupted sweep loses nothing, and a resumed one skips what is there),
 ``results.csv`` is rewritten from it after each case, ``env.json`` and ``config.json``
-say what machine and configuration produced it.
+say what machine and configuration produced it. Reading a store needs no torch.
 """
 
 from __future__ import annotations
@@ -16,17 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .attention import parse_spec
-from .measure import RESULT_COLUMNS, RESULT_KEY, Case, Result
+from .schema import RESULT_COLUMNS, Case, Result, check_record, key_of
 
 
 def result_key(record: dict[str, Any] | Result) -> tuple:
-    d = record.to_dict() if isinstance(record, Result) else record
-    return tuple(d[k] for k in RESULT_KEY)
-
-
-def case_key(case: Case) -> tuple:
-    return result_key(Result.for_case(case))
+    return key_of(record.to_dict() if isinstance(record, Result) else record)
 
 
 @dataclass(frozen=True)
@@ -45,7 +39,10 @@ DEFAULT_SPECS = (
     "window:window_size=8,shift=4",
     "axial:stripe=1",
     "dilated:window_size=8,dilation=0",  # MaxViT grid: dilation = H / k at every size
+    "neighborhood:kernel_size=7",
+    "neighborhood:kernel_size=7,impl=gather",  # each query's k^2 keys copied out: the baseline for the tiled form
     "deformable:stride=8",
+    "sra:sr_ratio=8",
     "bra:n_win=8,topk=1",
     "bra:n_win=8,topk=4",
     "bra:n_win=8,topk=16",
@@ -62,7 +59,9 @@ CI_SPECS = (
     "window:window_size=8,shift=4",
     "axial:stripe=1",
     "dilated:window_size=8,dilation=2",
+    "neighborhood:kernel_size=7",
     "deformable:stride=8",
+    "sra:sr_ratio=8",
     "bra:n_win=8,topk=4",
 )
 
@@ -88,11 +87,15 @@ def preset(name: str) -> Preset:
 
 
 def build_cases(specs: Iterable[str], resolutions: Iterable[int], **fields: Any) -> list[Case]:
-    """Every spec at every resolution, small resolutions first."""
-    specs = list(specs)
+    """Every spec at every resolution, small resolutions first; specs that name one case
+    (``full`` and ``full:impl=sdpa``) once."""
+    from .attention import canonical
+
+    unique: dict[tuple, str] = {}
     for spec in specs:
-        parse_spec(spec)  # fails early on a bad spec
-    return [Case(spec=spec, resolution=res, **fields) for res in sorted(set(resolutions)) for spec in specs]
+        c = canonical(spec)  # fails early on a bad spec
+        unique.setdefault((c.name, c.params_text), spec)
+    return [Case(spec=spec, resolution=res, **fields) for res in sorted(set(resolutions)) for spec in unique.values()]
 
 
 class ResultsStore:
@@ -123,9 +126,7 @@ class ResultsStore:
                 if n == len(lines):
                     continue
                 raise ValueError(f"{self.jsonl}:{n} is not valid JSON") from None
-            if not isinstance(record, dict) or not set(RESULT_KEY) <= set(record):
-                raise ValueError(f"{self.jsonl}:{n} is not a result record (it lacks {', '.join(RESULT_KEY)})")
-            out.append(record)
+            out.append(check_record(record, f"{self.jsonl}:{n}"))
         return out
 
     def repair(self) -> None:
@@ -138,6 +139,25 @@ class ResultsStore:
         head, _, tail = text.rpartition("\n")
         (self.folder / "results.jsonl.partial").write_text(tail + "\n")
         self.jsonl.write_text(head + "\n" if head else "")
+
+    def migrate(self, convert: Any) -> Path | None:
+        """Rewrite results.jsonl with ``convert`` applied to every record of an older schema;
+        the original is kept beside it as results.schema1.jsonl. None when nothing needed it."""
+        if not self.jsonl.exists():
+            return None
+        lines = [line for line in self.jsonl.read_text().splitlines() if line.strip()]
+        old = [json.loads(line) for line in lines]
+        if all("schema" in r for r in old):
+            return None
+        kept = self.folder / "results.schema1.jsonl"
+        if kept.exists():
+            raise ValueError(f"{kept} exists already; move it away to migrate {self.jsonl} again")
+        shutil.copy2(self.jsonl, kept)
+        tmp = self.jsonl.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(convert(r)) + "\n" for r in old))
+        tmp.replace(self.jsonl)
+        self.write_csv()
+        return kept
 
     def done(self) -> set[tuple]:
         return {result_key(r) for r in self.records()}

@@ -28,10 +28,11 @@ def tiny_run(tmp_path_factory):
     return out, result.output
 
 
-def test_list_shows_the_six_and_the_presets():
+def test_list_shows_the_mechanisms_and_the_presets():
     result = run("list")
     assert result.exit_code == 0
-    for name in ("full", "window", "axial", "dilated", "deformable", "bra", "window_size", "topk", "bra-grid", "ci"):
+    for name in ("full", "window", "axial", "dilated", "neighborhood", "deformable", "sra", "bra", "window_size", "topk",
+                 "bra-grid", "ci"):
         assert name in result.output
 
 
@@ -157,7 +158,9 @@ def test_presets_build_valid_cases(name):
 def test_default_preset_has_what_the_issue_names():
     specs = PRESETS["default"].specs
     assert {"full", "full:impl=naive", "bra:n_win=8,topk=1", "bra:n_win=8,topk=4", "bra:n_win=8,topk=16"} <= set(specs)
-    assert {s.split(":")[0] for s in specs} == {"full", "window", "axial", "dilated", "deformable", "bra"}
+    built_in = {"full", "window", "axial", "dilated", "neighborhood", "deformable", "sra", "bra"}
+    assert {s.split(":")[0] for s in specs} == built_in  # every built-in mechanism
+    assert {s.split(":")[0] for s in PRESETS["ci"].specs} == built_in  # the gate watches them all
     grid = PRESETS["bra-grid"].specs
     assert sum(s.startswith("bra") for s in grid) == 20 and "full" in grid and any(s.startswith("window") for s in grid)
 

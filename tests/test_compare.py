@@ -124,7 +124,7 @@ def test_ok_to_oom_fails(measured, tmp_path):
 def test_new_and_missing_cases_are_listed(measured, tmp_path):
     def rename(r):
         if r["mechanism"] == "axial" and r["resolution"] == 64:
-            r["params"] = "stripe=2"
+            r["params"], r["label"] = "stripe=2", "axial:stripe=2"
         return r
 
     result = compare(measured, doctored(measured, tmp_path / "cur", rename))

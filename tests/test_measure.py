@@ -42,6 +42,13 @@ EXACT = [
     "bra:n_win=4,topk=4",
     "bra:n_win=7,topk=1,side_dwconv=3",
     "bra:n_win=8,topk=16,qk_dim=32,side_dwconv=0",
+    "neighborhood",
+    "neighborhood:impl=gather",
+    "neighborhood:kernel_size=3,dilation=2",
+    "neighborhood:kernel_size=3,dilation=2,impl=gather,rel_pos_bias=false",
+    "sra:sr_ratio=1",
+    "sra:sr_ratio=2",
+    "sra:sr_ratio=4",
 ]
 
 
@@ -76,6 +83,20 @@ def test_closed_forms_are_the_papers_formulas_at_divisible_sizes():
     S, k, K = 8, 4, 5
     bra = 4 * N * C * C + S**4 * C + 2 * N * (k * N // S**2) * C + N * C * K * K
     assert closed_form_macs("bra:n_win=8,topk=4", 1, H, W, C, 3) == bra
+    assert closed_form_macs("neighborhood:impl=gather", 1, H, W, C, 3) == 4 * N * C * C + 2 * N * 49 * C  # NAT
+    # PVT v2 at R = 8: projections 2NC^2 + 2(N/R^2)C^2, the R x R conv N C^2, attention 2N(N/R^2)C, LayerNorm 5(N/R^2)C
+    Nk = N // 64
+    assert closed_form_macs("sra", 1, H, W, C, 3) == 2 * N * C * C + 2 * Nk * C * C + N * C * C + 2 * N * Nk * C + 5 * Nk * C
+
+
+def test_tiled_neighborhood_counts_its_halo_not_only_the_window():
+    """The tiled form computes 8 x 8 query tiles against their (8+k-1)^2 halo, masked: its count
+    says so, and is the gather form's (NAT's) count with the attention term scaled by the waste."""
+    C, N = 64, 64 * 64
+    tiled = count_macs(build_attention("neighborhood", C, 2), torch.randn(1, 64, 64, C)).total
+    gather = count_macs(build_attention("neighborhood:impl=gather", C, 2), torch.randn(1, 64, 64, C)).total
+    assert gather == 4 * N * C * C + 2 * N * 49 * C
+    assert tiled - 4 * N * C * C == 2 * C * 64 * (8 * 14) ** 2  # 64 tiles, 64 queries, 196 halo keys each
 
 
 def test_sdpa_is_counted_where_plain_fvcore_counts_zero():
@@ -197,7 +218,9 @@ def test_result_record_has_every_column():
 def test_run_case_fills_the_record():
     case = Case("bra:n_win=4,topk=2", 64, stride=4, dim=32, heads=2)
     r = run_case(case, budget_s=0.05, gemm_gflops=100.0)
-    assert (r.mechanism, r.params, r.height, r.width, r.status) == ("bra", "n_win=4,topk=2", 16, 16, "ok")
+    assert (r.mechanism, r.label, r.height, r.width, r.status) == ("bra", "bra:n_win=4,topk=2", 16, 16, "ok")
+    assert r.params == "n_win=4,topk=2,side_dwconv=5,qk_dim=0,auto_pad=true,impl=sdpa"  # every parameter: the key
+    assert r.baseline == "n_win=4,topk=2,side_dwconv=5,qk_dim=0,auto_pad=true,impl=gather" and not r.reference
     assert r.macs == closed_form_macs(case.spec, 1, 16, 16, 32, 2)
     assert r.runs >= 3 and r.latency_ms > 0 and r.latency_iqr_ms >= 0
     assert r.peak_mem_mb > 0

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from attnbench.cli import app
 from attnbench.report.content import content_tokens, load_image, patch_features
-from attnbench.report.viz import DEFAULT_METHODS, Scene, build_for_viz, head_map, make_figure, pattern_stats, to_tokens
+from attnbench.report.viz import Scene, build_for_viz, default_methods, head_map, make_figure, pattern_stats, to_tokens
 
 runner = CliRunner()
 STRIDE = 16
@@ -29,11 +29,12 @@ def test_the_default_image_is_the_sample_photograph(scene):
 
 def test_figure_has_one_panel_per_mechanism_and_query(scene):
     queries = [(20, 30), (100, 120), (200, 40)]
-    fig = make_figure(scene, DEFAULT_METHODS, queries)
+    methods = default_methods()
+    fig = make_figure(scene, methods, queries)
     panels = [ax for ax in fig.axes if ax.images]
-    assert len(panels) == len(DEFAULT_METHODS) * len(queries)
+    assert len(panels) == len(methods) * len(queries)
     titles = {ax.get_title().split("\n")[0] for ax in panels}
-    assert titles == set(DEFAULT_METHODS)
+    assert titles == set(methods)
     assert all("keys" in ax.get_title() for ax in panels)
     plt.close(fig)
 

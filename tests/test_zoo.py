@@ -200,89 +200,7 @@ def test_shifted_window_gradient_is_zero_outside_the_window(H, W):
         assert len(set((ry // M).tolist())) == 1 and len(set((rx // M).tolist())) == 1
 
 
-# -- backward ----------------------------------------------------------------------------------
-
-SPECS = [
-    "full",
-    "full:impl=naive",
-    "window:window_size=4",
-    "window:window_size=4,shift=2",
-    "axial:stripe=2",
-    "dilated:window_size=3,dilation=2",
-    "dilated:window_size=4,dilation=0",
-    "deformable:stride=2",
-    "deformable:stride=3,groups=2",
-    "bra:n_win=3,topk=2",
-    "bra:n_win=3,topk=2,impl=gather",
-]
-
-
-@pytest.mark.parametrize("spec", SPECS)
-def test_backward_gives_finite_gradients_to_every_parameter(spec):
-    torch.manual_seed(0)
-    m = build_attention(spec, DIM, HEADS)
-    x = rand_x(11, 13).requires_grad_(True)
-    (m(x) * torch.randn(2, 11, 13, DIM)).sum().backward()
-    assert torch.isfinite(x.grad).all()
-    for name, p in m.named_parameters():
-        assert p.grad is not None, f"{spec}: {name} got no gradient"
-        assert torch.isfinite(p.grad).all(), f"{spec}: {name} has non-finite gradient"
-        assert p.grad.abs().sum() > 0, f"{spec}: {name} has an all-zero gradient"
-
-
 # -- maps ---------------------------------------------------------------------------------------
-
-OUT_PROJ = {"bra": "wo", "deformable": "proj_out"}
-
-
-# deformable with several offset groups mixes the groups' samples in one projection, so
-# its map (the groups' spreads averaged) is a picture, not an exact decomposition
-EXACT_MAPS = [s for s in SPECS if "groups=2" not in s] + ["bra:n_win=4,topk=3,side_dwconv=0"]
-
-
-@pytest.mark.parametrize("spec", EXACT_MAPS)
-@pytest.mark.parametrize("H,W", [(12, 12), (11, 13)])
-def test_map_rebuilds_the_output(spec, H, W):
-    """map x values, projected, gives the module's own output for the chosen queries."""
-    torch.manual_seed(0)
-    m = build_attention(spec, DIM, HEADS)
-    x = rand_x(H, W, B=1)
-    queries = [(0, 0), (H - 1, W - 1), (H // 2, W // 3), (1, W - 2)]
-    captured = {}
-    proj = getattr(m, OUT_PROJ.get(m.mechanism, "proj"))
-    hook = proj.register_forward_pre_hook(lambda mod, args: captured.__setitem__("in", args[0]))
-    with torch.no_grad():
-        m(x)
-    hook.remove()
-    amap = m.attention_map(x, queries)
-    mixed = torch.einsum("qhyx,hyxd->qhd", amap.weights, amap.values).flatten(1)  # (Q, C)
-    proj_in = captured["in"][0]
-    if m.mechanism == "bra":  # lepe is added before wo
-        v = amap.values.permute(1, 2, 0, 3).flatten(2)  # (Hp, Wp, C)
-        proj_in = proj_in - m.lepe_term(v[None])[0]
-    for i, (y, xx) in enumerate(queries):
-        diff = (mixed[i] - proj_in[y, xx]).abs().max().item()
-        assert diff <= ATOL, f"{spec} query {(y, xx)}: {diff}"
-    # weights are a distribution per query and head
-    sums = amap.weights.flatten(2).sum(-1)
-    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "spec",
-    ["window:window_size=4,shift=2", "axial:stripe=2", "dilated:window_size=3,dilation=2", "full",
-     "deformable:stride=2", "bra:n_win=3,topk=2", "bra:n_win=3,topk=2,impl=gather"],
-)
-def test_a_batch_equals_its_items_one_by_one(spec):
-    """Batch items never mix: groups, masks and routing are per item (11x13 pads every pattern)."""
-    torch.manual_seed(0)
-    m = build_attention(spec, DIM, HEADS)
-    x = rand_x(11, 13, B=3)
-    with torch.no_grad():
-        together = m(x)
-        alone = torch.cat([m(x[i : i + 1]) for i in range(3)])
-    diff = (together - alone).abs().max().item()
-    assert diff <= ATOL, f"{spec}: max abs difference {diff}"
 
 
 def test_map_zero_means_not_attended():
@@ -327,15 +245,6 @@ def test_map_counts_match_patterns():
 # -- the interface and bad input -----------------------------------------------------------
 
 
-def test_list_attentions_has_the_six():
-    names = [info.name for info in list_attentions()]
-    assert sorted(names) == ["axial", "bra", "deformable", "dilated", "full", "window"]
-    for info in list_attentions():
-        assert info.description
-        for p in info.params:
-            assert p.help and p.allowed()
-
-
 def test_spec_parses_to_the_same_call():
     name, params = parse_spec("bra:n_win=8,topk=4")
     assert (name, params) == ("bra", {"n_win": 8, "topk": 4})
@@ -374,26 +283,118 @@ def test_bad_parameters_fail_at_construction(call, words):
         assert w in str(err.value), (w, str(err.value))
 
 
-@pytest.mark.parametrize("spec", ["full", "window", "axial", "dilated", "deformable", "bra"])
-def test_wrong_input_shape_names_the_expected_shape(spec):
-    m = build_attention(spec, 64, 2)
-    for bad in (torch.randn(2, 64, 8, 8)[:, :, :, :5], torch.randn(8, 8, 64)):
-        with pytest.raises(ValueError, match=r"\(B, H, W, C\) with C = 64"):
-            m(bad)
-
-
 def test_query_outside_the_grid_fails_clearly():
     m = build_attention("full", DIM, HEADS)
     with pytest.raises(ValueError, match=r"query \(8, 0\) is outside the 8x8"):
         m.attention_map(rand_x(8, 8, B=1), [(8, 0)])
 
 
-@pytest.mark.parametrize("spec", ["full", "window:window_size=4,shift=2", "axial", "dilated", "deformable:stride=2", "bra:n_win=3"])
-def test_a_permuted_input_view_gives_the_same_output(spec):
-    """An NCHW tensor permuted to (B, H, W, C) is a non-contiguous view; it must work as is."""
+def test_full_and_full_sdpa_are_one_case():
+    from attnbench.attention import canonical
+
+    assert canonical("full") == canonical("full:impl=sdpa")
+    assert canonical("full").params_text == "impl=sdpa" and canonical("full:impl=sdpa").label == "full"
+    assert canonical("bra:topk=4,n_win=8").label == "bra:n_win=8"  # topk 4 is the default; order canonical
+    assert canonical("bra:n_win=8").params_text == "n_win=8,topk=4,side_dwconv=5,qk_dim=0,auto_pad=true,impl=sdpa"
+
+
+# -- neighbourhood attention against a plain reference ----------------------------------------
+
+
+def natten_start(i, length, k):
+    """NATTEN's window start, written as its kernels write it (NS = k // 2)."""
+    ns = k // 2
+    return max(i - ns, 0) + (i + ns >= length) * (length - i - ns - 1)
+
+
+def neighborhood_reference(m, x):
+    """Every query on its own: its k x k neighbours in its residue class, logits with NAT's
+    bias table indexed by the offset, softmax, values; a loop, no tiles, no gathers."""
+    B, H, W, C = x.shape
+    k, d, h = m.kernel_size, m.dilation, m.num_heads
+    hd = C // h
+    q, kk, v = (x @ w.t() + b for w, b in zip(m.qkv.weight.chunk(3), m.qkv.bias.chunk(3)))
+    out = torch.zeros(B, H, W, C)
+    for y in range(H):
+        for xx in range(W):
+            ry, rx = y % d, xx % d
+            ny, nx = len(range(ry, H, d)), len(range(rx, W, d))
+            sy, sx = natten_start(y // d, ny, k), natten_start(xx // d, nx, k)
+            keys = [(ry + d * (sy + a), rx + d * (sx + b)) for a in range(k) for b in range(k)]
+            for hh in range(h):
+                sl = slice(hh * hd, (hh + 1) * hd)
+                K = torch.stack([kk[:, ky, kx, sl] for ky, kx in keys], 1)  # (B, k^2, hd)
+                V = torch.stack([v[:, ky, kx, sl] for ky, kx in keys], 1)
+                logits = torch.einsum("bd,bkd->bk", q[:, y, xx, sl] * hd**-0.5, K)
+                if m.rpb is not None:
+                    logits = logits + torch.stack([m.rpb[hh, (ky - y) // d + k - 1, (kx - xx) // d + k - 1] for ky, kx in keys])
+                out[:, y, xx, sl] = torch.einsum("bk,bkd->bd", logits.softmax(-1), V)
+    return out @ m.proj.weight.t() + m.proj.bias
+
+
+@pytest.mark.parametrize("H,W,params", [(11, 13, dict(kernel_size=5)), (16, 15, dict(kernel_size=3, dilation=2)),
+                                        (9, 9, dict(kernel_size=9)), (12, 10, dict(kernel_size=3, dilation=3))])
+@pytest.mark.parametrize("impl", ["tiled", "gather"])
+def test_neighborhood_equals_reference(H, W, params, impl):
     torch.manual_seed(0)
-    m = build_attention(spec, DIM, HEADS)
-    x = torch.randn(2, DIM, 11, 13).permute(0, 2, 3, 1)
+    m = build_attention("neighborhood", DIM, HEADS, impl=impl, **params)
     with torch.no_grad():
-        diff = (m(x) - m(x.contiguous())).abs().max().item()
-    assert diff <= ATOL, f"{spec}: {diff}"
+        m.rpb.normal_()  # a bias that matters, so a wrong index shows
+        x = rand_x(H, W)
+        diff = (m(x) - neighborhood_reference(m, x)).abs().max().item()
+    assert diff <= ATOL, diff
+
+
+def test_neighborhood_sees_exactly_k_squared_keys_clamped_at_the_border():
+    m = build_attention("neighborhood:kernel_size=3", DIM, HEADS)
+    amap = m.attention_map(rand_x(6, 7, B=1), [(0, 0), (3, 3), (5, 6)])
+    assert amap.attended.tolist() == [[9, 9]] * 3
+    assert sorted(amap.pattern["neighbours"][0]) == [0, 1, 2, 7, 8, 9, 14, 15, 16]  # the corner's window slid inside
+    with pytest.raises(ValueError, match="at least 14x14 tokens"):
+        build_attention("neighborhood:kernel_size=7,dilation=2", DIM, HEADS)(rand_x(13, 20))
+
+
+# -- spatial-reduction attention against a plain reference -------------------------------------
+
+
+def sra_reference(m, x):
+    """PVT v2 written out: each r x r cell flattened and multiplied by the conv's weight,
+    LayerNorm by its definition, then every query against every cell."""
+    B, H, W, C = x.shape
+    r, h = m.sr_ratio, m.num_heads
+    hd = C // h
+    if r > 1:
+        Hk, Wk = H // r, W // r
+        cells = x[:, : Hk * r, : Wk * r].reshape(B, Hk, r, Wk, r, C).permute(0, 1, 3, 5, 2, 4).reshape(B, Hk * Wk, C * r * r)
+        red = cells @ m.sr.weight.reshape(C, -1).t() + m.sr.bias
+        mu, var = red.mean(-1, keepdim=True), red.var(-1, unbiased=False, keepdim=True)
+        red = (red - mu) / torch.sqrt(var + m.norm.eps) * m.norm.weight + m.norm.bias
+    else:
+        red = x.reshape(B, H * W, C)
+    kv = red @ m.kv.weight.t() + m.kv.bias
+    k, v = kv[..., :C], kv[..., C:]
+    q = (x @ m.q.weight.t() + m.q.bias).reshape(B, H * W, C)
+    out = torch.zeros(B, H * W, C)
+    for hh in range(h):
+        sl = slice(hh * hd, (hh + 1) * hd)
+        a = ((q[..., sl] * hd**-0.5) @ k[..., sl].transpose(1, 2)).softmax(-1)
+        out[..., sl] = a @ v[..., sl]
+    return (out @ m.proj.weight.t() + m.proj.bias).view(B, H, W, C)
+
+
+@pytest.mark.parametrize("H,W,r", [(16, 16, 4), (11, 13, 3), (9, 7, 1), (8, 8, 8)])
+def test_sra_equals_reference(H, W, r):
+    torch.manual_seed(0)
+    m = build_attention("sra", DIM, HEADS, sr_ratio=r)
+    x = rand_x(H, W)
+    with torch.no_grad():
+        diff = (m(x) - sra_reference(m, x)).abs().max().item()
+    assert diff <= ATOL, diff
+
+
+def test_sra_state_dict_keys_are_pvt_v2s():
+    assert set(build_attention("sra:sr_ratio=8", DIM, HEADS).state_dict()) == {
+        "q.weight", "q.bias", "kv.weight", "kv.bias", "sr.weight", "sr.bias", "norm.weight", "norm.bias",
+        "proj.weight", "proj.bias"}
+    assert set(build_attention("sra:sr_ratio=1", DIM, HEADS).state_dict()) == {
+        "q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight", "proj.bias"}

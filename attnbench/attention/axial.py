@@ -10,15 +10,30 @@ from __future__ import annotations
 
 from .base import check_range
 from .grouped import GroupedAttention, GroupLayout, layout_from_slots, padded_token_ids, round_up
-from .registry import Param, register_attention
+from .registry import Param, Shape, register_attention
+
+
+def axial_macs(s: Shape, p: dict) -> int:
+    """3/2 (Np_h + Np_v) C^2 + NC^2 + (Np_h sw W + Np_v sw H) C, each half projecting its C/2
+    channels on its own padded stripes; CSWin's HWC(4C + sw H + sw W) when sw divides H and W."""
+    H, W, C = s.height, s.width, s.dim
+    sh, sw = min(p["stripe"], H), min(p["stripe"], W)
+    Np_h, Np_v = round_up(H, sh) * W, round_up(W, sw) * H
+    qkv = 3 * (Np_h + Np_v) * C * (C // 2)
+    attention = (Np_h * sh * W + Np_v * sw * H) * C  # each half: 2 * queries * stripe keys * C/2
+    return s.batch * (qkv + s.tokens * C * C + attention)
 
 
 @register_attention(
     "axial",
     "CSWin-style stripes: half the heads in horizontal stripes, half in vertical, `stripe` tokens wide",
     [Param("stripe", 1, "stripe width sw in tokens (1 = row/column axial attention)", low=1)],
+    macs=axial_macs,
+    demo={"stripe": 2},
 )
 class AxialAttention(GroupedAttention):
+    branch_marks = ("box", "dashed box")
+
     def __init__(self, dim: int, num_heads: int, stripe: int = 1) -> None:
         super().__init__(dim, num_heads)
         check_range("stripe", stripe, 1)

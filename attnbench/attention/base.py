@@ -36,23 +36,50 @@ def check_range(name: str, value: Any, low: float | None = None, high: float | N
         raise ValueError(f"parameter '{name}' = {value} is out of range; allowed {allowed}")
 
 
+@dataclass(frozen=True)
+class Mark:
+    """Something ``bench viz`` draws over one query's map, in token coordinates:
+
+    - ``box``: ``data = (y0, x0, y1, x1)``, the edges of a rectangle of tokens (y1, x1 past the last);
+    - ``points``: ``data`` = [(y, x), ...] token positions (fractional for sample points);
+    - ``grid``: ``data = (rows, cols)``, edge positions of faint grid lines (BRA's regions).
+    """
+
+    kind: str  # box | points | grid
+    data: Any
+    dashed: bool = False
+
+
+def box_around(ids: Sequence[int], width: int, dashed: bool = False) -> Mark:
+    """The bounding box of flat token ids on a grid ``width`` tokens wide."""
+    ys = [i // width for i in ids]
+    xs = [i % width for i in ids]
+    return Mark("box", (min(ys), min(xs), max(ys) + 1, max(xs) + 1), dashed)
+
+
 @dataclass
 class AttentionMap:
     """What one batch item's queries attend to.
 
     ``weights[i, h, y, x]`` is the softmax weight that query ``queries[i]`` gives, in head
-    ``h``, to the key at grid position ``(y, x)``; it is 0 where the key is not attended.
-    The key grid is the input grid, or the padded grid for a mechanism that attends
-    padded tokens (BRA with ``auto_pad``). ``values[h, y, x]`` are the value vectors those
-    weights mix, so ``einsum('qhyx,hyxd->qhd', weights, values)`` is each query's output
-    before the output projection (and before BRA's lepe term). ``pattern`` holds what the
-    mechanism's pattern has for each query (windows, routed regions, sample points).
+    ``h``, to the key at key-grid position ``(y, x)``; it is 0 where the key is not
+    attended. The key grid is the input grid, or the padded grid for a mechanism that
+    attends padded tokens (BRA with ``auto_pad``), or a coarser grid whose keys each stand
+    for ``key_stride`` tokens (spatial reduction). ``values[h, y, x]`` are the value vectors
+    those weights mix, so ``einsum('qhyx,hyxd->qhd', weights, values)`` plus ``offset``
+    (a term added outside the attention, such as BRA's lepe; None if there is none) is
+    each query's input to the output projection, the module named by the mechanism's
+    ``output_projection``. ``marks[i]`` is what the pattern has for query i (its window,
+    routed regions, sample points); ``pattern`` keeps the same as plain data.
     """
 
     queries: list[tuple[int, int]]
     weights: Tensor  # (Q, heads, Hk, Wk)
     values: Tensor  # (heads, Hk, Wk, head_dim_v)
     pattern: dict[str, Any] = field(default_factory=dict)
+    marks: list[list[Mark]] = field(default_factory=list)
+    key_stride: tuple[int, int] = (1, 1)
+    offset: Tensor | None = None  # (Q, C)
 
     @property
     def attended(self) -> Tensor:
@@ -61,9 +88,14 @@ class AttentionMap:
 
 
 class AttentionBase(nn.Module):
-    """Channels-last attention: ``(B, H, W, C) -> (B, H, W, C)``."""
+    """Channels-last attention: ``(B, H, W, C) -> (B, H, W, C)``.
+
+    A mechanism subclasses this, registers with ``register_attention``, implements
+    ``forward`` and ``attention_map``, and names its final Linear in ``output_projection``
+    (the tests rebuild its input from the map)."""
 
     mechanism = "?"
+    output_projection: str | None = None
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()

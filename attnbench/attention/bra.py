@@ -30,8 +30,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AttentionBase, AttentionMap, check_range, linear_rows, stage
-from .registry import Param, register_attention
+from .base import AttentionBase, AttentionMap, Mark, check_range, linear_rows, stage
+from .registry import Param, Shape, register_attention
+
+
+def _padded(s: Shape, p: dict) -> tuple[int, int]:
+    S = p["n_win"]
+    return (-(-s.height // S) * S, -(-s.width // S) * S) if p["auto_pad"] else (s.height, s.width)
+
+
+def bra_macs(s: Shape, p: dict) -> int:
+    """Np C (2 qk + C) + Np C^2 + S^4 qk + Np (k Np / S^2)(qk + C) + Np C K^2: qkv, wo, region
+    routing, token attention, lepe on the Np padded tokens; with qk = C, BiFormer's
+    4NC^2 + S^4 C + 2N(kN/S^2)C + NCK^2 (fvcore's count of the official module, exactly)."""
+    S, k, K, C = p["n_win"], p["topk"], p["side_dwconv"], s.dim
+    qk = p["qk_dim"] or C
+    Hp, Wp = _padded(s, p)
+    Np = Hp * Wp
+    return s.batch * (Np * C * (2 * qk + C) + Np * C * C + S**4 * qk + Np * (k * Np // (S * S)) * (qk + C) + Np * C * K * K)
+
+
+def bra_workspace(s: Shape, p: dict) -> int:
+    """The routed keys and values, topk-fold; the gather form also holds its score matrix."""
+    S, k = p["n_win"], p["topk"]
+    Hp, Wp = _padded(s, p)
+    n = Hp * Wp
+    out = 2 * s.batch * k * n * s.dim * s.itemsize
+    if p["impl"] == "gather":
+        out += 2 * s.batch * s.heads * n * (k * n // (S * S)) * s.itemsize  # scores and probabilities
+    return out
 
 
 class QKVLinear(nn.Module):
@@ -64,8 +91,14 @@ class QKVLinear(nn.Module):
         Param("impl", "sdpa", "sdpa: routed regions indexed once, fused attention per region (no score matrix); "
               "gather: the official topk-fold gather, then dense attention", choices=("sdpa", "gather")),
     ],
+    macs=bra_macs,
+    workspace_bytes=bra_workspace,
+    baseline={"impl": "gather"},
+    demo={"n_win": 4, "topk": 4},
 )
 class BiLevelRoutingAttention(AttentionBase):
+    output_projection = "wo"
+
     def __init__(
         self,
         dim: int,
@@ -224,8 +257,13 @@ class BiLevelRoutingAttention(AttentionBase):
             weights[i].index_add_(1, keys, probs)
             routed.append(r_idx[region].tolist())
         values = v[0].view(H, W, m, self.dim // m).permute(2, 0, 1, 3)
+        lepe = self.lepe_term(v)[0]
+        offset = torch.stack([lepe[y, xx] for y, xx in queries])  # added before wo, outside the attention
         pattern = {"regions": routed, "n_win": S, "region_size": (h, w), "padded_size": (H, W)}
-        return AttentionMap(queries, weights.view(len(queries), m, H, W), values, pattern)
+        grid = Mark("grid", ([r * h for r in range(1, S)], [c * w for c in range(1, S)]))
+        marks = [[grid] + [Mark("box", (r // S * h, r % S * w, (r // S + 1) * h, (r % S + 1) * w)) for r in regions]
+                 for regions in routed]
+        return AttentionMap(queries, weights.view(len(queries), m, H, W), values, pattern, marks, offset=offset)
 
     def extra_repr(self) -> str:
         return (

@@ -23,8 +23,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AttentionBase, AttentionMap, check_range, stage
-from .registry import Param, register_attention
+from .base import AttentionBase, AttentionMap, Mark, check_range, stage
+from .registry import Param, Shape, register_attention
+
+
+def deformable_macs(s: Shape, p: dict) -> int:
+    """DAT, Sec. 3.3: 2N Ns C + 2NC^2 + 2Ns C^2 + (k^2 + 2) Ns C, Ns = Hk Wk samples, plus
+    9 Ns C: fvcore's convention for the offset net's LayerNorm (5 per value) and the bilinear
+    sampling (4 per value), which the paper leaves out."""
+    r, k, C, N = p["stride"], p["kernel"], s.dim, s.tokens
+    Ns = -(-s.height // r) * -(-s.width // r)
+    return s.batch * (2 * N * Ns * C + 2 * N * C * C + 2 * Ns * C * C + (k * k + 2) * Ns * C + 9 * Ns * C)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -47,8 +56,12 @@ class ChannelLayerNorm(nn.Module):
         Param("offset_range", 2.0, "largest offset, in reference cells", low=0.0),
         Param("kernel", 9, "offset network depthwise conv kernel (odd)", low=1),
     ],
+    macs=deformable_macs,
+    demo={"stride": 4},
 )
 class DeformableAttention(AttentionBase):
+    output_projection = "proj_out"
+
     def __init__(
         self, dim: int, num_heads: int, stride: int = 8, groups: int = 1, offset_range: float = 2.0, kernel: int = 9
     ) -> None:
@@ -132,8 +145,9 @@ class DeformableAttention(AttentionBase):
         values = self.heads(self.proj_v(x).view(1, H * W, C))[0].view(self.num_heads, H, W, -1)
         ys = (points[..., 0] + 1) / 2 * (H - 1)
         xs = (points[..., 1] + 1) / 2 * (W - 1)
-        pattern = {"samples": torch.stack([ys, xs], -1).flatten(1, 2).cpu()}  # (G, Ns, 2) token coords
-        return AttentionMap(queries, weights, values, pattern)
+        samples = torch.stack([ys, xs], -1).flatten(1, 2).cpu()  # (G, Ns, 2) token coords
+        marks = [Mark("points", samples.reshape(-1, 2).tolist())]  # every query sees the same samples
+        return AttentionMap(queries, weights, values, {"samples": samples}, [marks] * len(queries))
 
     def extra_repr(self) -> str:
         return (

@@ -10,8 +10,16 @@ A grid not divisible by k * d is padded bottom/right and the padding is never at
 from __future__ import annotations
 
 from .base import check_range
-from .grouped import GroupedAttention, GroupLayout, layout_from_slots, padded_token_ids, round_up
-from .registry import Param, register_attention
+from .grouped import GroupedAttention, GroupLayout, ceil_div, layout_from_slots, padded_token_ids, round_up
+from .registry import Param, Shape, register_attention
+
+
+def dilated_macs(s: Shape, p: dict) -> int:
+    """3Np C^2 + NC^2 + 2k^2 Np C, as W-MSA on the padded dilated windows."""
+    k, d, C = p["window_size"], p["dilation"], s.dim
+    dy, dx = (d, d) if d else (ceil_div(s.height, k), ceil_div(s.width, k))  # 0: MaxViT grid
+    Np = round_up(s.height, k * dy) * round_up(s.width, k * dx)
+    return s.batch * (3 * Np * C * C + s.tokens * C * C + 2 * k * k * Np * C)
 
 
 @register_attention(
@@ -21,8 +29,12 @@ from .registry import Param, register_attention
         Param("window_size", 7, "window side k in tokens", low=1),
         Param("dilation", 2, "spacing d between the tokens of a window (0 = MaxViT grid, d = H / k)", low=0),
     ],
+    macs=dilated_macs,
+    demo={"window_size": 6, "dilation": 3},
 )
 class DilatedAttention(GroupedAttention):
+    branch_marks = ("points",)
+
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, dilation: int = 2) -> None:
         super().__init__(dim, num_heads)
         check_range("window_size", window_size, 1)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AttentionBase, AttentionMap, linear_rows, stage
+from .base import AttentionBase, AttentionMap, Mark, box_around, linear_rows, stage
 
 
 @dataclass
@@ -90,6 +90,10 @@ def padded_token_ids(H: int, W: int, Hp: int, Wp: int) -> Tensor:
 
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def ceil_div(n: int, m: int) -> int:
+    return -(-n // m)
 
 
 def partition(x: Tensor, layout: GroupLayout) -> Tensor:
@@ -187,9 +191,13 @@ class GroupedAttention(AttentionBase):
 
     Subclasses give :meth:`branches`: the head ranges and the layout each uses (one
     branch for most patterns, two for axial stripes), and may add a learned bias.
+    ``branch_marks`` says how ``bench viz`` draws each branch's group for a query: ``box``,
+    ``dashed box`` or ``points`` (nothing for a branch without an entry).
     """
 
     impl = "sdpa"
+    output_projection = "proj"
+    branch_marks: tuple[str, ...] = ()
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__(dim, num_heads)
@@ -256,5 +264,12 @@ class GroupedAttention(AttentionBase):
             groups.append(visible_keys(layout, tokens))
         weights = torch.cat(rows, dim=1).view(len(queries), self.num_heads, H, W)
         values = v.view(H, W, self.num_heads, self.head_dim).permute(2, 0, 1, 3)
+        marks = [[self._mark(kind, ids[i], W) for kind, ids in zip(self.branch_marks, groups)] for i in range(len(queries))]
         # per branch, per query: the token ids it may attend (its window, stripe, ...)
-        return AttentionMap(queries, weights, values, {"groups": groups})
+        return AttentionMap(queries, weights, values, {"groups": groups}, marks)
+
+    @staticmethod
+    def _mark(kind: str, ids: list[int], W: int) -> Mark:
+        if kind == "points":
+            return Mark("points", [(i // W, i % W) for i in ids])
+        return box_around(ids, W, dashed=kind == "dashed box")

@@ -1,12 +1,19 @@
-"""The mechanism registry: names, parameters with defaults and ranges, spec strings.
+"""The mechanism registry: names, parameters with defaults and ranges, spec strings, and
+what the harness needs to know about each mechanism.
 
-A mechanism registers itself with :func:`register_attention`; :func:`build_attention`
-checks the parameters against what was registered before calling the constructor, so
-a typo or an impossible value fails with a message that says what is allowed.
+A mechanism registers itself with :func:`register_attention`, built in or from a plugin
+(:mod:`attnbench.attention.plugins`); :func:`build_attention` checks the parameters
+against what was registered before calling the constructor, so a typo or an impossible
+value fails with a message that says what is allowed. Alongside its parameters a
+mechanism may declare its closed-form MAC count, an estimate of the memory it holds
+beyond a few activations, its baseline implementation and the settings its picture is
+drawn with; the measuring and report layers read these and never a mechanism's name.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -74,11 +81,38 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Shape:
+    """The input a count or an estimate is for: (batch, height, width, dim), ``heads`` heads."""
+
+    batch: int
+    height: int
+    width: int
+    dim: int
+    heads: int
+    itemsize: int = 4  # bytes per element of the case's dtype
+
+    @property
+    def tokens(self) -> int:
+        return self.height * self.width
+
+
+# hooks a mechanism may declare: (shape, resolved params) -> a number for the whole batch
+MacsFn = Callable[[Shape, dict], int]
+BytesFn = Callable[[Shape, dict], int]
+
+
+@dataclass(frozen=True)
 class AttentionInfo:
     name: str
     cls: type
     description: str
     params: tuple[Param, ...] = field(default_factory=tuple)
+    macs: MacsFn | None = None  # closed-form forward MACs (1 multiply-add = 1)
+    workspace_bytes: BytesFn | None = None  # what it holds beyond a few activations (scores, copies)
+    baseline: dict[str, Any] = field(default_factory=dict)  # the implementation its speed-ups are against
+    reference: bool = False  # at its defaults, the suite's reference (the "vs full" columns)
+    demo: dict[str, Any] = field(default_factory=dict)  # legible settings for bench viz
+    source: str = ""  # where it was registered: a module, a file or a distribution
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -97,17 +131,66 @@ class AttentionInfo:
             resolved[key] = self.param(key).coerce(value)
         return resolved
 
+    def baseline_of(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The resolved parameters of the baseline implementation for ``params`` (resolved),
+        or None when there is none or ``params`` are the baseline's."""
+        if not self.baseline:
+            return None
+        base = {**params, **self.baseline}
+        return None if base == params else base
+
 
 _REGISTRY: dict[str, AttentionInfo] = {}
 
 
-def register_attention(name: str, description: str, params: list[Param]) -> Callable[[type], type]:
-    """Class decorator: add a mechanism under ``name``."""
+def _source_of(cls: type) -> str:
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    return f"{cls.__module__} ({path})" if path else cls.__module__
+
+
+def register_attention(
+    name: str,
+    description: str,
+    params: list[Param],
+    *,
+    macs: MacsFn | None = None,
+    workspace_bytes: BytesFn | None = None,
+    baseline: dict[str, Any] | None = None,
+    reference: bool = False,
+    demo: dict[str, Any] | None = None,
+) -> Callable[[type], type]:
+    """Class decorator: add a mechanism under ``name``.
+
+    ``params``: its constructor's parameters after (dim, num_heads). Optional, for the harness:
+    ``macs(shape, params)``, the closed-form forward MACs of the whole batch (the tests
+    check it against fvcore's count); ``workspace_bytes(shape, params)``, the bytes it holds
+    beyond a few activations (score matrices, gathered copies), so hopeless cases are
+    refused unrun; ``baseline``, the parameters that select the implementation its other
+    implementations are compared with (``{"impl": "gather"}``); ``demo``, the settings
+    ``bench viz`` draws it with. ``reference=True`` makes this mechanism, at its defaults,
+    the one every relative figure divides by (one mechanism may claim it).
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"mechanism name {name!r} is not allowed; use letters, digits, '_', '-' and '.' (no ':' or ',')")
 
     def wrap(cls: type) -> type:
+        source = _source_of(cls)
         if name in _REGISTRY:
-            raise RuntimeError(f"attention mechanism '{name}' registered twice")
-        _REGISTRY[name] = AttentionInfo(name, cls, description, tuple(params))
+            raise ValueError(
+                f"attention mechanism '{name}' is registered twice: by {_REGISTRY[name].source} and by {source}; "
+                "rename one of them"
+            )
+        if reference:
+            taken = [i for i in _REGISTRY.values() if i.reference]
+            if taken:
+                raise ValueError(f"'{name}' ({source}) claims to be the reference mechanism, "
+                                 f"but '{taken[0].name}' ({taken[0].source}) is")
+        info = AttentionInfo(name, cls, description, tuple(params), macs, workspace_bytes, dict(baseline or {}),
+                             reference, dict(demo or {}), source)
+        for key, value in {**info.baseline, **info.demo}.items():
+            info.param(key).coerce(value)  # a typo in the declaration fails here, not in a report
+        _REGISTRY[name] = info
         cls.mechanism = name
         return cls
 
@@ -115,6 +198,7 @@ def register_attention(name: str, description: str, params: list[Param]) -> Call
 
 
 def attention_info(name: str) -> AttentionInfo:
+    _load_installed_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -123,8 +207,15 @@ def attention_info(name: str) -> AttentionInfo:
 
 
 def list_attentions() -> list[AttentionInfo]:
-    """Every registered mechanism, in registration order."""
+    """Every registered mechanism, in registration order (built-ins first, then plugins)."""
+    _load_installed_plugins()
     return list(_REGISTRY.values())
+
+
+def _load_installed_plugins() -> None:
+    from .plugins import load_entry_points  # registers on first call only
+
+    load_entry_points()
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -156,6 +247,31 @@ def format_spec(name: str, params: dict[str, Any]) -> str:
     given = {key: info.param(key).coerce(value) for key, value in params.items()}
     parts = [f"{p.name}={format_value(given[p.name])}" for p in info.params if p.name in given]
     return name + (":" + ",".join(parts) if parts else "")
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """One case's mechanism, named one way only."""
+
+    name: str
+    params: dict[str, Any]  # every parameter, defaults resolved
+
+    @property
+    def params_text(self) -> str:
+        """Every parameter in registration order: the form a result's key holds."""
+        return format_spec(self.name, self.params).partition(":")[2]
+
+    @property
+    def label(self) -> str:
+        """The shortest spec that builds it: the parameters that differ from the defaults."""
+        defaults = attention_info(self.name).defaults()
+        return format_spec(self.name, {k: v for k, v in self.params.items() if v != defaults[k]})
+
+
+def canonical(spec: str) -> Canonical:
+    """``"full"`` and ``"full:impl=sdpa"`` are one mechanism: resolve a spec to that one form."""
+    name, params = parse_spec(spec)
+    return Canonical(name, attention_info(name).resolve(params))
 
 
 def build_attention(name: str, dim: int, num_heads: int, **params: Any) -> nn.Module:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .base import check_range
 from .grouped import GroupedAttention, GroupLayout, layout_from_slots, padded_token_ids, round_up
-from .registry import Param, register_attention
+from .registry import Param, Shape, register_attention
 
 
 def relative_position_index(M: int) -> Tensor:
@@ -35,6 +35,14 @@ def window_partition(grid: Tensor, M: int) -> Tensor:
     return grid.view(Hp // M, M, Wp // M, M).transpose(1, 2).reshape(-1, M * M)
 
 
+def window_macs(s: Shape, p: dict) -> int:
+    """3Np C^2 + NC^2 + 2M^2 Np C, Np the padded tokens (q, k, v are projected on padded
+    windows, as timm's Swin pads before its qkv); Swin's Eq. 2 (4NC^2 + 2M^2NC) when M divides H and W."""
+    M, C = p["window_size"], s.dim
+    Np = round_up(s.height, M) * round_up(s.width, M)
+    return s.batch * (3 * Np * C * C + s.tokens * C * C + 2 * M * M * Np * C)
+
+
 @register_attention(
     "window",
     "Swin window attention: M x M windows (W-MSA), shifted by `shift` for SW-MSA, relative position bias",
@@ -43,8 +51,12 @@ def window_partition(grid: Tensor, M: int) -> Tensor:
         Param("shift", 0, "cyclic shift (0 for W-MSA, M//2 for SW-MSA)", low=0, range_text="0..window_size-1"),
         Param("rel_pos_bias", True, "learned (2M-1)^2 x heads relative position bias"),
     ],
+    macs=window_macs,
+    demo={"window_size": 8},
 )
 class WindowAttention(GroupedAttention):
+    branch_marks = ("box",)
+
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift: int = 0, rel_pos_bias: bool = True) -> None:
         super().__init__(dim, num_heads)
         check_range("window_size", window_size, 1)

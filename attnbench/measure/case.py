@@ -4,48 +4,22 @@ in the current process. :mod:`attnbench.measure.isolate` runs it in a child proc
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 
-from ..attention import attention_info, build_attention, format_spec, parse_spec
+from ..attention import Shape, attention_info, build_attention, canonical, format_spec
+from ..schema import DTYPE_NAMES, MODES, RESULT_COLUMNS, RESULT_KEY, SCHEMA_VERSION, Case, Result
 from .flops import MacCount, count_macs
 from .memory import peak_memory_bytes
 from .timing import time_call
 
-MODES = ("fwd", "fwdbwd")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+__all__ = ["RESULT_COLUMNS", "RESULT_KEY", "Case", "Result", "check_case", "check_device", "run_case"]
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 DEVICE_DTYPES = {"cpu": ("float32", "bfloat16", "float64"), "cuda": ("float32", "float16", "bfloat16", "float64")}
 # backward costs about twice the forward's MACs (two matmuls per forward matmul)
 MODE_MAC_FACTOR = {"fwd": 1, "fwdbwd": 3}
-
-
-@dataclass(frozen=True)
-class Case:
-    spec: str  # mechanism spec, e.g. "bra:n_win=8,topk=4"
-    resolution: int  # image side in pixels
-    stride: int = 4  # pixels per token: the grid is resolution / stride tokens a side
-    dim: int = 64
-    heads: int = 2
-    batch: int = 1
-    dtype: str = "float32"
-    mode: str = "fwd"
-    device: str = "cpu"
-    compile: bool = False
-    threads: int = 0  # CPU threads for torch (0: torch's default)
-
-    @property
-    def height(self) -> int:
-        return self.resolution // self.stride
-
-    @property
-    def width(self) -> int:
-        return self.resolution // self.stride
-
-    @property
-    def tokens(self) -> int:
-        return self.height * self.width
 
 
 def check_device(device: str, dtype: str) -> torch.device:
@@ -86,57 +60,53 @@ def check_case(case: Case) -> None:
         )
 
 
-@dataclass
-class Result:
-    mechanism: str
-    params: str
-    resolution: int
-    height: int
-    width: int
-    dim: int
-    heads: int
-    batch: int
-    dtype: str
-    mode: str
-    device: str
-    macs: int | None = None  # forward MACs (1 multiply-add = 1)
-    uncounted_ops: str = ""
-    latency_ms: float | None = None  # median
-    latency_iqr_ms: float | None = None
-    runs: int | None = None
-    peak_mem_mb: float | None = None  # MiB (2^20 bytes) beyond inputs and weights
-    gflops: float | None = None  # 2 * MACs (x3 for fwdbwd) / latency
-    gemm_fraction: float | None = None  # gflops / the calibration GEMM's rate
-    compile_s: float | None = None
-    threads: int | None = None
-    status: str = "ok"  # ok | oom | timeout | error
-    error: str = ""
-
-    @classmethod
-    def for_case(cls, case: Case, **fields: Any) -> "Result":
-        name, params = parse_spec(case.spec)
-        return cls(
-            mechanism=name,
-            params=format_spec(name, params).partition(":")[2],
-            resolution=case.resolution,
-            height=case.height,
-            width=case.width,
-            dim=case.dim,
-            heads=case.heads,
-            batch=case.batch,
-            dtype=case.dtype,
-            mode=case.mode,
-            device=case.device,
-            **fields,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def result_for(case: Case, **fields: Any) -> Result:
+    """A record for ``case``: its canonical key and what the registry declares about it."""
+    c = canonical(case.spec)
+    info = attention_info(c.name)
+    base = info.baseline_of(c.params)
+    return Result(
+        mechanism=c.name,
+        params=c.params_text,
+        label=c.label,
+        resolution=case.resolution,
+        height=case.height,
+        width=case.width,
+        dim=case.dim,
+        heads=case.heads,
+        batch=case.batch,
+        dtype=case.dtype,
+        mode=case.mode,
+        device=case.device,
+        compile=case.compile,
+        reference=info.reference and c.params == info.defaults(),
+        baseline="" if base is None else format_spec(c.name, base).partition(":")[2],
+        **fields,
+    )
 
 
-RESULT_COLUMNS = list(Result.__dataclass_fields__)
-# the fields that say which case a result is (the rest are what was measured)
-RESULT_KEY = ("mechanism", "params", "resolution", "height", "width", "dim", "heads", "batch", "dtype", "mode", "device")
+def case_key(case: Case) -> tuple:
+    """The key ``case``'s record will have."""
+    d = result_for(case).to_dict()
+    return tuple(d[k] for k in RESULT_KEY)
+
+
+def migrate_record(old: dict[str, Any]) -> dict[str, Any]:
+    """A record of schema 1 (params as given, no compile field) in this schema."""
+    if old.get("schema", 1) >= SCHEMA_VERSION:
+        return old
+    spec = old["mechanism"] + (f":{old['params']}" if old.get("params") else "")
+    case = Case(spec, int(old["resolution"]), dim=int(old["dim"]), heads=int(old["heads"]), batch=int(old["batch"]),
+                dtype=old["dtype"], mode=old["mode"], device=old["device"], compile=bool(old.get("compile", False)))
+    fresh = result_for(case).to_dict()
+    merged = {**fresh, **{k: v for k, v in old.items() if k in fresh and k not in ("params", "label")}}
+    merged["height"], merged["width"] = old["height"], old["width"]  # as measured
+    merged["schema"] = SCHEMA_VERSION
+    return {k: merged[k] for k in RESULT_COLUMNS}
+
+
+def shape_for(case: Case) -> Shape:
+    return Shape(case.batch, case.height, case.width, case.dim, case.heads, DTYPES[case.dtype].itemsize)
 
 
 def macs_of(case: Case, allow_real: bool = True) -> MacCount | None:
@@ -212,7 +182,7 @@ def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None
     peak = peak_memory_bytes(step, device)
     timing = time_call(step, device, budget_s=budget_s, per_call_s=first_s)
     gflops = 2 * MODE_MAC_FACTOR[case.mode] * macs.total / (timing.median_ms * 1e-3) / 1e9
-    return Result.for_case(
+    return result_for(
         case,
         macs=macs.total,
         uncounted_ops=macs.uncounted_text(),
@@ -228,22 +198,12 @@ def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None
 
 
 def estimate_peak_bytes(case: Case) -> int:
-    """A rough upper estimate of a case's peak, for refusing hopeless cases unrun:
-    the tensors each pattern materialises, plus a few activation-sized buffers."""
-    name, params = parse_spec(case.spec)
-    p = attention_info(name).resolve(params)
-    size = DTYPES[case.dtype].itemsize
-    B, N, C, h = case.batch, case.tokens, case.dim, case.heads
-    act = 8 * B * N * C * size
-    extra = 0
-    if name == "full" and p["impl"] == "naive":
-        extra = 2 * B * h * N * N * size  # scores and probabilities
-    elif name == "bra":
-        S = p["n_win"]
-        n = -(-case.height // S) * S * -(-case.width // S) * S  # padded tokens
-        keys = p["topk"] * n // (S * S)  # keys per query
-        extra = 2 * B * p["topk"] * n * C * size  # the routed keys and values, topk-fold
-        if p["impl"] == "gather":
-            extra += 2 * B * h * n * keys * size  # scores and probabilities
+    """A rough upper estimate of a case's peak, for refusing hopeless cases unrun: a few
+    activation-sized buffers plus what the mechanism declares it holds beyond them."""
+    c = canonical(case.spec)
+    shape = shape_for(case)
+    act = 8 * case.batch * case.tokens * case.dim * shape.itemsize
+    workspace = attention_info(c.name).workspace_bytes
+    extra = workspace(shape, c.params) if workspace else 0
     factor = 3 if case.mode == "fwdbwd" else 1  # saved activations and their gradients
     return factor * (act + extra)

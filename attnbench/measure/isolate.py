@@ -5,19 +5,24 @@ A case that needs more memory than the bound ends as ``oom``, one that overruns 
 address-space limit (RLIMIT_AS) set in the child on top of what it holds after start-up,
 so an allocation past it fails inside the child, never in the kernel's OOM killer or swap.
 On CUDA it is ``torch.cuda.set_per_process_memory_fraction``. A case whose estimated
-peak is far beyond the bound is recorded as ``oom`` without being run.
+peak is far beyond the bound is recorded as ``oom`` without being run. Plugins named by
+the caller are loaded in the child (and preloaded by the forkserver) before the case runs.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
 import resource
 import traceback
 from typing import Any
 
 import torch
 
-from .case import Case, Result, estimate_peak_bytes, macs_of, run_case
+from ..attention import load_plugins
+from .case import Case, Result, estimate_peak_bytes, macs_of, result_for, run_case
+from .preload import PLUGINS_ENV
 
 # a refusal without running needs the estimate to exceed the bound by this factor
 REFUSE_FACTOR = 2.0
@@ -49,8 +54,9 @@ def _vm_size_bytes() -> int:
     return 0
 
 
-def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None) -> None:
+def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...]) -> None:
     try:
+        load_plugins(plugins)  # already loaded when the forkserver preloaded them
         device = torch.device(case.device)
         if device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
@@ -77,18 +83,19 @@ def _failed(case: Case, status: str, error: str) -> Result:
     except Exception:  # noqa: BLE001 - a count is a nicety here
         macs = None
     fields = dict(macs=macs.total, uncounted_ops=macs.uncounted_text()) if macs else {}
-    return Result.for_case(case, status=status, error=error, **fields)
+    return result_for(case, status=status, error=error, **fields)
 
 
 _CONTEXT: Any = None
 
 
-def _context():
-    """A forkserver that has imported torch and attnbench once, so each case starts fast."""
+def _context(plugins: tuple[str, ...]):
+    """A forkserver that has imported torch, attnbench and the plugins once, so each case starts fast."""
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["torch", "attnbench.measure.case"])
+        os.environ[PLUGINS_ENV] = json.dumps(list(plugins))  # read by the preload module in the forkserver
+        _CONTEXT.set_forkserver_preload(["torch", "attnbench.measure.preload"])
     return _CONTEXT
 
 
@@ -98,8 +105,10 @@ def run_isolated(
     timeout_s: float = 600.0,
     budget_s: float = 2.0,
     gemm_gflops: float | None = None,
+    plugins: tuple[str, ...] = (),
 ) -> Result:
-    """Measure ``case`` in a child process; never raises for the case's own failures."""
+    """Measure ``case`` in a child process; never raises for the case's own failures.
+    ``plugins``: files or modules the child loads first (those that define the case's mechanism)."""
     mem_limit = mem_limit_bytes if mem_limit_bytes is not None else default_mem_limit_bytes(case.device)
     estimate = estimate_peak_bytes(case)
     if estimate > REFUSE_FACTOR * mem_limit:
@@ -109,9 +118,9 @@ def run_isolated(
             f"not run: estimated peak {estimate / 2**30:.1f} GiB is over {REFUSE_FACTOR:g}x "
             f"the memory bound of {mem_limit / 2**30:.1f} GiB",
         )
-    ctx = _context()
+    ctx = _context(tuple(plugins))
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, case, mem_limit, budget_s, gemm_gflops), daemon=True)
+    proc = ctx.Process(target=_child, args=(child, case, mem_limit, budget_s, gemm_gflops, tuple(plugins)), daemon=True)
     proc.start()
     child.close()
     try:

@@ -1,6 +1,7 @@
-"""Tables and plots from saved results. Knows the result records, not how they were measured."""
+"""Tables, plots and figures from saved results. Knows the result records, not how they were
+measured; needs no torch (except viz, which builds mechanisms to draw them). The plotting
+modules import matplotlib when used, so the perf gate starts quickly."""
 
-from .plots import crossovers, plot_all, scaling_exponent
 from .table import summary_markdown, summary_rows
 
-__all__ = ["crossovers", "plot_all", "scaling_exponent", "summary_markdown", "summary_rows"]
+__all__ = ["summary_markdown", "summary_rows"]

@@ -20,9 +20,11 @@ from typing import Any
 
 import pandas as pd
 
-from ..measure.case import RESULT_KEY as KEY
+from ..schema import RESULT_KEY as KEY
+from ..schema import check_record
 from .table import is_reference, number, references, shape_of
-NEEDED = set(KEY) | {"macs", "latency_ms", "peak_mem_mb", "status"}
+
+NEEDED = ("macs", "latency_ms", "peak_mem_mb", "reference", "baseline")
 
 
 @dataclass
@@ -56,9 +58,7 @@ def load_results(path: Path | str) -> RunResults:
     if not records:
         raise ValueError(f"{path} holds no results")
     for n, r in enumerate(records, 1):
-        if not isinstance(r, dict) or not NEEDED <= set(r):
-            missing = sorted(NEEDED - set(r)) if isinstance(r, dict) else sorted(NEEDED)
-            raise ValueError(f"{path}: record {n} is not a result record (missing {', '.join(missing)})")
+        check_record(r, f"{path}: record {n}", NEEDED)
         r["params"] = "" if r["params"] is None else str(r["params"])
     env: dict[str, Any] = {}
     env_path = folder / "env.json"
@@ -96,8 +96,8 @@ def _references(run: RunResults) -> dict[tuple, float]:
 
 
 def _label(r: dict[str, Any]) -> str:
-    spec = r["mechanism"] + (f":{r['params']}" if r["params"] else "")
-    return f"{spec} @ {r['resolution']}px {r['dtype']} {r['mode']} {r['device']}"
+    compiled = " compiled" if r["compile"] else ""
+    return f"{r['label']} @ {r['resolution']}px {r['dtype']} {r['mode']} {r['device']}{compiled}"
 
 
 def compare_runs(

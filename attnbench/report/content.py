@@ -81,15 +81,24 @@ def use_content_weights(module: nn.Module, sharpness: float = 2.0) -> nn.Module:
     """Identity query/key/value/output projections (q and k scaled by ``sharpness``) and zero
     biases, so that attention logits are scaled dot products of the tokens themselves."""
     for name, layer in module.named_modules():
+        if isinstance(layer, nn.Conv2d) and layer.stride[0] > 1 and layer.groups == 1 and \
+                layer.in_channels == layer.out_channels:  # a strided reduction (PVT's sr): the cell's mean
+            layer.weight.zero_()
+            area = layer.kernel_size[0] * layer.kernel_size[1]
+            for c in range(layer.in_channels):
+                layer.weight[c, c] = 1.0 / area
+            if layer.bias is not None:
+                layer.bias.zero_()
+            continue
         if not isinstance(layer, nn.Linear):
             continue
         out_f, in_f = layer.weight.shape
         eye = torch.eye(in_f)
         if out_f == in_f:
-            w = eye * (sharpness if name.split(".")[-1] in ("proj_q", "proj_k") else 1.0)
-        else:  # stacked q, k (, v): [q; k; v] rows
+            w = eye * (sharpness if name.split(".")[-1] in ("proj_q", "proj_k", "q") else 1.0)
+        else:  # stacked [q; k; v] or [k; v] rows: all but the last block are queries or keys
             blocks = out_f // in_f
-            w = torch.cat([eye * (sharpness if i < 2 else 1.0) for i in range(blocks)])
+            w = torch.cat([eye * (sharpness if i < blocks - 1 else 1.0) for i in range(blocks)])
             if w.shape[0] != out_f:
                 raise ValueError(f"cannot set identity weights on {name} of shape {tuple(layer.weight.shape)}")
         layer.weight.copy_(w)

@@ -1,5 +1,7 @@
 """Plots from saved results: scaling with fitted exponents and crossovers, the cost
-frontier, and BRA's topk x n_win heatmaps. Each is written as PNG and SVG."""
+frontier, and each mechanism's cost against the parameters a run varies (BRA's topk x
+n_win). Each is written as PNG and SVG. Every point is one case: results that mix
+settings are refused, never averaged."""
 
 from __future__ import annotations
 
@@ -115,32 +117,101 @@ def plot_frontier(df: pd.DataFrame, out: Path) -> list[Path]:
     return save_figure(fig, out, "frontier")
 
 
-def plot_bra_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
-    bra = df[(df["mechanism"] == "bra") & (df["status"] == "ok")].copy()
-    if bra.empty:
+def _params(text: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in text.split(",") if kv)
+
+
+def _numeric(values: list[str]) -> bool:
+    try:
+        [float(v) for v in values]
+    except ValueError:
+        return False
+    return True
+
+
+def plot_param_sweeps(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Per mechanism, latency and peak memory against the parameters its cases vary, at
+    the largest resolution: a line per implementation (or other non-numeric setting) for
+    one numeric parameter with at least three values, a heatmap per implementation for
+    two. Cases are never pooled: each point or cell is one case."""
+    ok = df[df["status"] == "ok"]
+    if ok.empty:
         return []
-    res = int(bra["resolution"].max())
-    bra = bra[bra["resolution"] == res]
-    params = bra["params"].map(lambda p: dict(kv.split("=") for kv in p.split(",") if kv))
-    bra["n_win"] = params.map(lambda p: int(p.get("n_win", 7)))
-    bra["topk"] = params.map(lambda p: int(p.get("topk", 4)))
-    if bra["n_win"].nunique() < 2 and bra["topk"].nunique() < 2:
-        return []
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
-    for ax, (col, name) in zip(axes, METRICS[:2]):
-        grid = bra.pivot_table(index="topk", columns="n_win", values=col, aggfunc="median")
-        im = ax.imshow(grid.to_numpy(), cmap="viridis", origin="lower", aspect="auto")
-        ax.set_xticks(range(len(grid.columns)), grid.columns)
-        ax.set_yticks(range(len(grid.index)), grid.index)
-        ax.set_xlabel("n_win (regions per side)")
-        ax.set_ylabel("topk (routed regions)")
-        for (i, j), v in np.ndenumerate(grid.to_numpy()):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w", fontsize=8)
-        fig.colorbar(im, ax=ax, label=name)
-        ax.set_title(name)
-    fig.suptitle(_title(df, f"BRA at {res} px"))
-    return save_figure(fig, out, "bra_heatmaps")
+    res = int(ok["resolution"].max())
+    at = ok[ok["resolution"] == res]
+    written = []
+    for mechanism, rows in at.groupby("mechanism", sort=False):
+        params = pd.DataFrame([_params(p) for p in rows["params"]], index=rows.index)
+        varying = [c for c in params.columns if params[c].nunique() > 1]
+        axes = [c for c in varying if _numeric(list(params[c]))]
+        groups = [c for c in varying if c not in axes]
+        fixed = ",".join(f"{c}={params[c].iloc[0]}" for c in params.columns if c not in varying)
+        title = f"{mechanism}:{fixed} at {res} px" if fixed else f"{mechanism} at {res} px"
+        if len(axes) == 1 and params[axes[0]].nunique() >= 3:
+            written += _sweep_lines(rows, params, axes[0], groups, out, title, f"params_{mechanism}")
+        elif len(axes) == 2 and min(params[a].nunique() for a in axes) >= 2:
+            written += _sweep_heatmaps(rows, params, axes, groups, out, title, f"params_{mechanism}")
+    return written
+
+
+def _group_label(values: tuple, names: list[str]) -> str:
+    return ", ".join(f"{n}={v}" for n, v in zip(names, values)) or "all"
+
+
+def _sweep_lines(rows, params, axis, groups, out, title, name) -> list[Path]:
+    data = rows.assign(**{f"p_{axis}": params[axis].astype(float)}, **{f"g_{g}": params[g] for g in groups})
+    keys = [f"g_{g}" for g in groups]
+    parts = data.groupby(keys, sort=False) if keys else [((), data)]
+    fig, axs = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    for ax, (col, label) in zip(axs, METRICS[:2]):
+        for values, part in parts:
+            values = values if isinstance(values, tuple) else (values,)
+            part = part.sort_values(f"p_{axis}")
+            ax.plot(part[f"p_{axis}"], part[col], marker="o", label=_group_label(values, groups))
+        ax.set_xlabel(axis)
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(_title(rows, f"{title}: one point per case"))
+    return save_figure(fig, out, name)
+
+
+def _sweep_heatmaps(rows, params, axes, groups, out, title, name) -> list[Path]:
+    x, y = axes  # registration order: the first is the columns
+    data = rows.assign(**{f"p_{a}": params[a].astype(float) for a in axes}, **{f"g_{g}": params[g] for g in groups})
+    keys = [f"g_{g}" for g in groups]
+    parts = list(data.groupby(keys, sort=False)) if keys else [((), data)]
+    fig, axs = plt.subplots(len(parts), 2, figsize=(13, 5 * len(parts)), layout="constrained", squeeze=False)
+    for (values, part), ax_row in zip(parts, axs):
+        values = values if isinstance(values, tuple) else (values,)
+        for ax, (col, label) in zip(ax_row, METRICS[:2]):
+            grid = part.pivot(index=f"p_{y}", columns=f"p_{x}", values=col)  # raises on a duplicate cell
+            im = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis", origin="lower", aspect="auto")
+            ax.set_xticks(range(len(grid.columns)), [f"{v:g}" for v in grid.columns])
+            ax.set_yticks(range(len(grid.index)), [f"{v:g}" for v in grid.index])
+            ax.set_xlabel(x)
+            ax.set_ylabel(y)
+            for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):
+                if not np.isnan(v):
+                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w", fontsize=8)
+            fig.colorbar(im, ax=ax, label=label)
+            ax.set_title(f"{label}, {_group_label(values, groups)}")
+    fig.suptitle(_title(rows, f"{title}: one cell per case"))
+    return save_figure(fig, out, name)
+
+
+RUN_FIELDS = ("dim", "heads", "batch", "dtype", "mode", "device", "compile")
+
+
+def check_one_setting(df: pd.DataFrame) -> None:
+    """The plots draw a run's cases on shared axes: cases that differ in a field other than
+    the mechanism, its parameters and the resolution would be drawn as one. Refuse them."""
+    mixed = {f: sorted(map(str, df[f].unique())) for f in RUN_FIELDS if df[f].nunique() > 1}
+    if mixed:
+        what = "; ".join(f"{f}: {', '.join(v)}" for f, v in mixed.items())
+        raise ValueError(f"these results mix settings ({what}); plot each setting from its own results file")
 
 
 def plot_all(records: list[dict[str, Any]], out: Path | str) -> list[Path]:
@@ -149,5 +220,5 @@ def plot_all(records: list[dict[str, Any]], out: Path | str) -> list[Path]:
     df = frame(records)
     if df.empty or not (df["status"] == "ok").any():
         return []
-    paths = plot_scaling(df, out) + plot_frontier(df, out) + plot_bra_heatmaps(df, out)
-    return paths
+    check_one_setting(df)
+    return plot_scaling(df, out) + plot_frontier(df, out) + plot_param_sweeps(df, out)

@@ -1,4 +1,5 @@
-"""The summary table: one row per case, costs relative to fused full attention."""
+"""The summary table: one row per case, costs relative to the suite's reference (fused full
+attention) and to the mechanism's own baseline implementation."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from ..measure.case import RESULT_KEY
+from ..schema import RESULT_KEY, SHAPE, shape_of
 
-SHAPE = RESULT_KEY[2:]  # what a case is, less the mechanism and its parameters
 COLUMNS = [
     "mechanism",
     "tokens",
@@ -19,6 +19,7 @@ COLUMNS = [
     "GFLOP/s (of GEMM)",
     "speed-up vs full",
     "memory saving vs full",
+    "speed-up vs baseline impl",
     "status",
 ]
 NOTE = (
@@ -26,28 +27,32 @@ NOTE = (
     "papers' unit). Latency: median and IQR of timed runs after warm-up. Peak: most MiB held by "
     "tensors during one call beyond inputs and weights. GFLOP/s: 2 x MACs / latency (x3 MACs for "
     "fwdbwd), and its fraction of the run's dense-GEMM rate. Relative columns: fused full attention "
-    "(`full`, SDPA) at the same resolution divided by this row."
+    "(`full`, SDPA) at the same resolution divided by this row; the baseline column divides the "
+    "mechanism's own baseline implementation (e.g. BRA's official gather) by this row."
 )
+
+__all__ = ["COLUMNS", "NOTE", "SHAPE", "frame", "is_reference", "number", "references", "shape_of", "summary_markdown",
+           "summary_rows"]
 
 
 def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The records as a frame, with ``tokens``; a ValueError if two records are one case
+    (every figure would have to pick or average one of them)."""
     df = pd.DataFrame.from_records(records)
     if df.empty:
         return df
-    df["label"] = df["mechanism"] + df["params"].map(lambda p: f":{p}" if isinstance(p, str) and p else "")
+    twice = df[df.duplicated(subset=list(RESULT_KEY), keep=False)]
+    if not twice.empty:
+        r = twice.iloc[0]
+        raise ValueError(f"{len(twice)} records are the same case ({r['label']} at {r['resolution']} px, {r['dtype']}, "
+                         f"{r['mode']}, {r['device']}); a results set holds each case once")
     df["tokens"] = df["height"] * df["width"]
     return df
 
 
-def shape_of(r: Any) -> tuple:
-    """The shape fields of a record (a dict or a frame row)."""
-    return tuple(r[k] for k in SHAPE)
-
-
 def is_reference(r: Any) -> bool:
-    """Fused full attention (``full``, SDPA) that ran: what every relative figure divides by."""
-    params = r["params"]
-    return r["mechanism"] == "full" and not (isinstance(params, str) and params) and r["status"] == "ok"
+    """The suite's reference case that ran: what every "vs full" figure divides by."""
+    return bool(r["reference"]) and r["status"] == "ok"
 
 
 def references(records: Any) -> dict[tuple, Any]:
@@ -65,22 +70,31 @@ def number(x: Any) -> float | None:
     return None if math.isnan(v) else v
 
 
+def _baselines(df: pd.DataFrame) -> dict[tuple, Any]:
+    return {(r["mechanism"], r["params"], shape_of(r)): r for _, r in df.iterrows() if r["status"] == "ok"}
+
+
 def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     df = frame(records)
     if df.empty:
         return []
-    refs = references(df)
+    refs, runs = references(df), _baselines(df)
     rows = []
     for _, r in df.iterrows():
         ref = refs.get(shape_of(r))
+        base = runs.get((r["mechanism"], r["baseline"], shape_of(r))) if r["baseline"] else None
         lat, iqr, mem, macs, rate, frac = (
             number(r.get(c)) for c in ("latency_ms", "latency_iqr_ms", "peak_mem_mb", "macs", "gflops", "gemm_fraction")
         )
         ok = r["status"] == "ok"
-        speed = saving = "-"
+        speed = saving = vs_base = "-"
         if ok and ref is not None and lat and mem is not None:
             speed = f"{ref['latency_ms'] / lat:.3g}x"
             saving = f"{ref['peak_mem_mb'] / mem:.2g}x" if mem > 0 else "-"
+        if ok and base is not None and lat:
+            changed = dict(kv.split("=", 1) for kv in base["params"].split(",")).items() - dict(
+                kv.split("=", 1) for kv in r["params"].split(",")).items()
+            vs_base = f"{base['latency_ms'] / lat:.3g}x ({','.join(f'{k}={v}' for k, v in sorted(changed))})"
         rows.append(
             [
                 r["label"],
@@ -91,6 +105,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
                 (f"{rate:.0f}" + (f" ({frac:.0%})" if frac is not None else "")) if ok and rate is not None else "-",
                 speed,
                 saving,
+                vs_base,
                 r["status"],
             ]
         )

@@ -16,19 +16,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from ..attention import AttentionMap, build_attention, format_spec, parse_spec  # noqa: E402
+from ..attention import AttentionMap, Mark, build_attention, canonical, format_spec, list_attentions  # noqa: E402
 from .content import FEATURES, use_content_weights  # noqa: E402
 from .plots import save_figure  # noqa: E402
 
-DEFAULT_METHODS = [
-    "full",
-    "window:window_size=8",
-    "axial:stripe=2",
-    "dilated:window_size=6,dilation=3",
-    "deformable:stride=4",
-    "bra:n_win=4,topk=4",
-]
 WEIGHTS = ("content", "random")
+
+
+def default_methods() -> list[str]:
+    """Every registered mechanism (plugins included) at the settings it declares legible."""
+    return [format_spec(info.name, info.demo) for info in list_attentions()]
 
 
 @dataclass
@@ -104,11 +101,19 @@ def attention_maps(module: torch.nn.Module, scene: Scene, token_queries: list[tu
         return module.attention_map(scene.tokens, token_queries)
 
 
+def key_extent(amap: AttentionMap, grid: tuple[int, int]) -> tuple[int, int]:
+    """How many of the map's key rows and columns lie on the token grid (padding cropped)."""
+    sy, sx = amap.key_stride
+    Hk, Wk = amap.weights.shape[-2:]
+    return min(Hk, -(-grid[0] // sy)), min(Wk, -(-grid[1] // sx))
+
+
 def head_map(amap: AttentionMap, i: int, grid: tuple[int, int], head: int | None) -> np.ndarray:
-    """(Hg, Wg) weights of query i, averaged over heads or for one head; padding cropped."""
+    """Weights of query i on the key grid, averaged over heads or for one head; padding cropped."""
     w = amap.weights[i]
     w = w.mean(0) if head is None else w[head]
-    return w[: grid[0], : grid[1]].cpu().numpy()
+    hk, wk = key_extent(amap, grid)
+    return w[:hk, :wk].cpu().numpy()
 
 
 def keys_attended(amap: AttentionMap, i: int, grid: tuple[int, int]) -> int:
@@ -116,51 +121,47 @@ def keys_attended(amap: AttentionMap, i: int, grid: tuple[int, int]) -> int:
     return int((amap.weights[i] != 0).any(0).sum())
 
 
-def _token_box(ax, ids: Sequence[int], W: int, stride: int, color: str, lw: float = 1.5, ls: str = "-") -> None:
-    ys, xs = np.asarray(ids) // W, np.asarray(ids) % W
-    ax.add_patch(Rectangle((xs.min() * stride, ys.min() * stride), (xs.max() - xs.min() + 1) * stride,
-                           (ys.max() - ys.min() + 1) * stride, fill=False, ec=color, lw=lw, ls=ls))
-
-
-def draw_pattern(ax, module, amap: AttentionMap, i: int, scene: Scene) -> None:
-    """The pattern's own marks for query i: windows, stripes, members, samples, regions."""
+def draw_marks(ax, marks: Sequence[Mark], scene: Scene) -> None:
+    """What the mechanism declares for a query (``AttentionMap.marks``), in token units, on the image."""
     s = scene.stride
-    Hg, Wg = scene.grid
-    name = module.mechanism
-    groups = amap.pattern.get("groups")
-    if name == "window":
-        _token_box(ax, groups[0][i], Wg, s, "cyan")
-    elif name == "axial":
-        _token_box(ax, groups[0][i], Wg, s, "cyan")
-        _token_box(ax, groups[1][i], Wg, s, "lime", ls="--")
-    elif name == "dilated":
-        ids = np.asarray(groups[0][i])
-        ax.scatter((ids % Wg + 0.5) * s, (ids // Wg + 0.5) * s, s=6, c="cyan", marker="s", linewidths=0)
-    elif name == "deformable":
-        pts = amap.pattern["samples"].reshape(-1, 2).numpy()
-        ax.scatter((pts[:, 1] + 0.5) * s, (pts[:, 0] + 0.5) * s, s=5, c="cyan", linewidths=0)
-    elif name == "bra":
-        S = amap.pattern["n_win"]
-        h, w = amap.pattern["region_size"]
-        for r in range(1, S):
-            ax.axhline(r * h * s - 0.5, color="w", lw=0.5, alpha=0.35)
-            ax.axvline(r * w * s - 0.5, color="w", lw=0.5, alpha=0.35)
-        for region in amap.pattern["regions"][i]:
-            ry, rx = divmod(region, S)
-            ax.add_patch(Rectangle((rx * w * s, ry * h * s), w * s, h * s, fill=False, ec="cyan", lw=1.5))
+    H, W = scene.image.shape[:2]
+    boxes = 0
+    for mark in marks:
+        if mark.kind == "box":
+            y0, x0, y1, x1 = mark.data
+            color = "lime" if mark.dashed else "cyan"
+            ax.add_patch(Rectangle((x0 * s, y0 * s), (x1 - x0) * s, (y1 - y0) * s, fill=False, ec=color, lw=1.5,
+                                   ls="--" if mark.dashed else "-"))
+            boxes += 1
+        elif mark.kind == "points":
+            pts = np.asarray(mark.data, dtype=float).reshape(-1, 2)
+            ax.scatter((pts[:, 1] + 0.5) * s, (pts[:, 0] + 0.5) * s, s=6, c="cyan", marker="s", linewidths=0)
+        elif mark.kind == "grid":
+            rows, cols = mark.data
+            for r in rows:
+                if 0 < r * s < H:
+                    ax.axhline(r * s - 0.5, color="w", lw=0.5, alpha=0.35)
+            for c in cols:
+                if 0 < c * s < W:
+                    ax.axvline(c * s - 0.5, color="w", lw=0.5, alpha=0.35)
+        else:
+            raise ValueError(f"unknown mark kind '{mark.kind}'; a mechanism may declare box, points or grid")
 
 
-def _overlay(ax, scene: Scene, weights: np.ndarray) -> None:
+def _overlay(ax, scene: Scene, weights: np.ndarray, key_stride: tuple[int, int] = (1, 1)) -> None:
     H, W = scene.image.shape[:2]
     ax.imshow(scene.image, extent=(0, W, H, 0))
+    # the key grid's extent in pixels: a key stands for key_stride tokens of stride pixels
+    kh, kw = weights.shape[0] * key_stride[0] * scene.stride, weights.shape[1] * key_stride[1] * scene.stride
+    extent = (0, kw, kh, 0)
     seen = weights > 0
     shade = np.zeros((*weights.shape, 4))
     shade[~seen] = (0, 0, 0, 0.6)  # keys the query cannot see: dimmed
-    ax.imshow(shade, extent=(0, W, H, 0), interpolation="nearest")
+    ax.imshow(shade, extent=extent, interpolation="nearest")
     norm = weights / weights.max() if weights.max() > 0 else weights
     heat = plt.get_cmap("inferno")(norm)
     heat[..., 3] = np.where(seen, 0.25 + 0.6 * np.sqrt(norm), 0.0)
-    ax.imshow(heat, extent=(0, W, H, 0), interpolation="nearest")
+    ax.imshow(heat, extent=extent, interpolation="nearest")
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
 
@@ -168,9 +169,8 @@ def _overlay(ax, scene: Scene, weights: np.ndarray) -> None:
 def _metrics_line(spec: str, records: list[dict[str, Any]] | None) -> str:
     if not records:
         return ""
-    name, params = parse_spec(spec)
-    want = format_spec(name, params).partition(":")[2]
-    rows = [r for r in records if r["mechanism"] == name and (r["params"] or "") == want and r["status"] == "ok"]
+    c = canonical(spec)
+    rows = [r for r in records if r["mechanism"] == c.name and r["params"] == c.params_text and r["status"] == "ok"]
     if not rows:
         return "\n(no result for these settings)"
     r = max(rows, key=lambda r: r["resolution"])
@@ -214,8 +214,9 @@ def make_figure(scene: Scene, specs: list[str], pixel_queries: list[tuple[int, i
         amap = attention_maps(module, scene, token_queries)
         for i, (py, px) in enumerate(pixel_queries):
             ax = axes[i][j]
-            _overlay(ax, scene, head_map(amap, i, scene.grid, head))
-            draw_pattern(ax, module, amap, i, scene)
+            _overlay(ax, scene, head_map(amap, i, scene.grid, head), amap.key_stride)
+            if amap.marks:
+                draw_marks(ax, amap.marks[i], scene)
             ty, tx = token_queries[i]
             ax.add_patch(Rectangle((tx * scene.stride, ty * scene.stride), scene.stride, scene.stride,
                                    fill=False, ec="red", lw=1.5))
@@ -248,7 +249,8 @@ def pattern_stats(module: torch.nn.Module, scene: Scene, spec: str) -> PatternSt
     amap = attention_maps(module, scene, queries)
     w = amap.weights  # (N, heads, Hk, Wk)
     Hk, Wk = w.shape[-2:]
-    ky, kx = torch.meshgrid(torch.arange(Hk), torch.arange(Wk), indexing="ij")
+    sy, sx = amap.key_stride  # a key standing for sy x sx tokens sits at their centre
+    ky, kx = torch.meshgrid((torch.arange(Hk) + 0.5) * sy - 0.5, (torch.arange(Wk) + 0.5) * sx - 0.5, indexing="ij")
     qy = torch.tensor([q[0] for q in queries], dtype=torch.float32)[:, None, None, None]
     qx = torch.tensor([q[1] for q in queries], dtype=torch.float32)[:, None, None, None]
     dist = torch.sqrt((ky[None, None] - qy) ** 2 + (kx[None, None] - qx) ** 2)

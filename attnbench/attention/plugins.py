@@ -1,0 +1,115 @@
+"""Mechanisms from outside the package: installed distributions and files or modules named
+on the command line. A plugin registers its mechanisms with ``register_attention`` when it is
+imported; nothing else is asked of it.
+
+- An installed distribution declares an entry point in the group ``attnbench.attentions``
+  (``name = "package.module"``); every one is loaded the first time the registry is read.
+- ``--plugin PATH_OR_MODULE`` (or :func:`load_plugins`) imports a ``.py`` file or an
+  importable module. The measuring children load the same plugins (see
+  :mod:`attnbench.measure.isolate`).
+
+Loading is idempotent: a plugin already loaded in this process is not loaded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Iterable
+
+ENTRY_POINT_GROUP = "attnbench.attentions"
+
+_loaded: dict[str, str] = {}  # plugin key -> module name
+_entry_points_error: ValueError | None = None
+_entry_points_done = False
+
+
+class PluginError(ValueError):
+    """A plugin that cannot be loaded; the message names it."""
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def load_entry_points() -> None:
+    """Import every installed ``attnbench.attentions`` entry point, once per process. A broken
+    one raises PluginError on this and every later call, naming its distribution."""
+    global _entry_points_done, _entry_points_error
+    if _entry_points_error is not None:
+        raise _entry_points_error
+    if _entry_points_done:
+        return
+    _entry_points_done = True  # set first: a plugin's own import reads the registry
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        key = f"entry point {ep.name} = {ep.value}"
+        if key in _loaded:
+            continue
+        dist = getattr(ep.dist, "name", "?")
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - whatever the plugin raised, name the plugin
+            _entry_points_error = PluginError(
+                f"attention plugin '{ep.name}' ({ep.value}, from the installed distribution '{dist}') "
+                f"failed to load: {_describe(exc)}"
+            )
+            raise _entry_points_error from exc
+        _loaded[key] = ep.value.partition(":")[0]
+
+
+def _module_name_for(path: Path) -> str:
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    stem = "".join(c if c.isalnum() else "_" for c in path.stem)
+    return f"attnbench_plugin_{stem}_{digest}"
+
+
+def plugin_key(plugin: str) -> str:
+    """How a plugin is named in a run's configuration: a file by its absolute path, a module by its name."""
+    path = Path(plugin).expanduser()
+    if plugin.endswith(".py") or path.is_file():
+        return str(path.resolve())
+    return plugin
+
+
+def load_plugin(plugin: str) -> None:
+    """Import a ``.py`` file or an importable module so that its mechanisms register."""
+    load_entry_points()  # installed plugins first, so a clash names both sides
+    key = plugin_key(plugin)
+    if key in _loaded:
+        return
+    path = Path(key)
+    if path.suffix == ".py" or path.is_absolute():
+        if not path.is_file():
+            raise PluginError(f"plugin file '{plugin}' does not exist")
+        name = _module_name_for(path)
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise PluginError(f"plugin '{plugin}' cannot be imported as a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and pickling look the module up by name
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001
+            del sys.modules[name]
+            raise PluginError(f"attention plugin '{plugin}' failed to load: {_describe(exc)}") from exc
+    else:
+        name = plugin
+        try:
+            importlib.import_module(plugin)
+        except Exception as exc:  # noqa: BLE001
+            hint = " (give a .py file or the name of an importable module)" if isinstance(exc, ModuleNotFoundError) else ""
+            raise PluginError(f"attention plugin '{plugin}' failed to load: {_describe(exc)}{hint}") from exc
+    _loaded[key] = name
+
+
+def load_plugins(plugins: Iterable[str]) -> list[str]:
+    """Load each plugin in order; returns their keys (see :func:`plugin_key`)."""
+    keys = []
+    for plugin in plugins:
+        load_plugin(plugin)
+        keys.append(plugin_key(plugin))
+    return keys

@@ -1,0 +1,116 @@
+"""What a case is and what a result record holds: fields, key and label. Imports no torch,
+so the reports and the perf gate read results without it.
+
+A record's key is every field that says which case it is. ``params`` holds every
+parameter of the mechanism, defaults resolved, in registration order, so ``full`` and
+``full:impl=sdpa`` are one case; ``label`` is the shortest spec that builds it (the
+parameters that differ from the defaults), for tables and plots. Records written before
+keys were canonical (no ``schema`` field) are refused with the command that migrates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+SCHEMA_VERSION = 2
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+MODES = ("fwd", "fwdbwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    spec: str  # mechanism spec, e.g. "bra:n_win=8,topk=4"
+    resolution: int  # image side in pixels
+    stride: int = 4  # pixels per token: the grid is resolution / stride tokens a side
+    dim: int = 64
+    heads: int = 2
+    batch: int = 1
+    dtype: str = "float32"
+    mode: str = "fwd"
+    device: str = "cpu"
+    compile: bool = False
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+
+    @property
+    def height(self) -> int:
+        return self.resolution // self.stride
+
+    @property
+    def width(self) -> int:
+        return self.resolution // self.stride
+
+    @property
+    def tokens(self) -> int:
+        return self.height * self.width
+
+
+@dataclass
+class Result:
+    mechanism: str
+    params: str  # every parameter, defaults resolved, registration order
+    label: str  # the shortest spec: the parameters that differ from the defaults
+    resolution: int
+    height: int
+    width: int
+    dim: int
+    heads: int
+    batch: int
+    dtype: str
+    mode: str
+    device: str
+    compile: bool = False
+    macs: int | None = None  # forward MACs (1 multiply-add = 1)
+    uncounted_ops: str = ""
+    latency_ms: float | None = None  # median
+    latency_iqr_ms: float | None = None
+    runs: int | None = None
+    peak_mem_mb: float | None = None  # MiB (2^20 bytes) beyond inputs and weights
+    gflops: float | None = None  # 2 * MACs (x3 for fwdbwd) / latency
+    gemm_fraction: float | None = None  # gflops / the calibration GEMM's rate
+    compile_s: float | None = None
+    threads: int | None = None
+    status: str = "ok"  # ok | oom | timeout | error
+    error: str = ""
+    reference: bool = False  # the suite's reference case (fused full attention): relative columns divide by it
+    baseline: str = ""  # params of this mechanism's baseline implementation, "" if none or this is it
+    schema: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+RESULT_COLUMNS = list(Result.__dataclass_fields__)
+# the fields that say which case a result is (the rest are what was measured, or follow from these)
+RESULT_KEY = ("mechanism", "params", "resolution", "height", "width", "dim", "heads", "batch", "dtype", "mode",
+              "device", "compile")
+SHAPE = RESULT_KEY[2:]  # what a case is, less the mechanism and its parameters
+
+
+def key_of(record: dict[str, Any]) -> tuple:
+    return tuple(record[k] for k in RESULT_KEY)
+
+
+def shape_of(record: Any) -> tuple:
+    """The shape fields of a record (a dict or a frame row)."""
+    return tuple(record[k] for k in SHAPE)
+
+
+def label_of(record: dict[str, Any]) -> str:
+    return str(record["label"])
+
+
+def check_record(record: Any, where: str, needed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``record`` if it is a result record of this schema with the ``needed`` fields too;
+    else a ValueError naming ``where``."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is not a result record (a JSON object)")
+    if "schema" not in record and {"mechanism", "params"} <= set(record):
+        raise ValueError(f"{where} was written by an older attnbench (its keys are not canonical); "
+                         "run `bench migrate FOLDER` once, which keeps the original file")
+    missing = [k for k in dict.fromkeys(RESULT_KEY + ("label", "status") + needed) if k not in record]
+    if missing:
+        raise ValueError(f"{where} is not a result record (missing {', '.join(missing)})")
+    if int(record["schema"]) > SCHEMA_VERSION:
+        raise ValueError(f"{where} has schema {record['schema']}, newer than this attnbench reads ({SCHEMA_VERSION})")
+    return record

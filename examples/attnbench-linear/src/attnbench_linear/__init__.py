@@ -1,0 +1,1 @@
+"""Linear attention for attnbench; `attnbench_linear.linear` registers it."""
