@@ -3,8 +3,8 @@ so the reports and the perf gate read results without it.
 
 A record's key is every field that says which case it is. ``params`` holds every
 parameter of the mechanism, defaults resolved, in registration order, so ``full`` and
-``full:impl=sdpa`` are one case; ``label`` is the shortest spec that builds it (the
-parameters that differ from the defaults), for tables and plots. Records written before
+``full:impl=sdpa`` are one case; ``label`` is the spec as the run named it (its
+parameters in registration order), for tables and plots. Records written before
 keys were canonical (no ``schema`` field) are refused with the command that migrates them.
 """
 
@@ -49,7 +49,7 @@ class Case:
 class Result:
     mechanism: str
     params: str  # every parameter, defaults resolved, registration order
-    label: str  # the shortest spec: the parameters that differ from the defaults
+    label: str  # the spec as named, parameters in registration order (display only, not the key)
     resolution: int
     height: int
     width: int

@@ -10,20 +10,14 @@ its MACs, peak memory and configuration in extra_info, so saved runs say what th
 import pytest
 import torch
 
-from attnbench import build_attention
+from attnbench import build_attention, list_attentions
 from attnbench.measure import count_macs, peak_memory_bytes
+from attnbench.sweep import PRESETS
 
 SHAPE = dict(batch=1, height=32, width=32, dim=64, heads=2)
-SPECS = [
-    "full",
-    "full:impl=naive",
-    "window:window_size=8",
-    "window:window_size=8,shift=4",
-    "axial:stripe=1",
-    "dilated:window_size=8,dilation=0",
-    "deformable:stride=4",
-    "bra:n_win=8,topk=4",
-]
+# the perf gate's set (every built-in mechanism at its paper's settings), and every plugin at its defaults
+_GATED = list(PRESETS["ci"].specs)
+SPECS = _GATED + [i.name for i in list_attentions() if i.name not in {s.split(":")[0] for s in _GATED}]
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -49,7 +49,7 @@ def test_old_records_are_refused_with_the_migrate_command_and_migrate_keeps_the_
     assert json.loads((folder / "results.schema1.jsonl").read_text()) == OLD  # the original, kept
     (new,) = ResultsStore(folder).records()
     assert new["params"] == "n_win=8,topk=4,side_dwconv=5,qk_dim=0,auto_pad=true,impl=sdpa"
-    assert new["label"] == "bra:n_win=8" and new["compile"] is False and new["schema"] == SCHEMA_VERSION
+    assert new["label"] == "bra:n_win=8,topk=4" and new["compile"] is False and new["schema"] == SCHEMA_VERSION
     assert new["baseline"].endswith("impl=gather") and new["latency_ms"] == OLD["latency_ms"]
     assert migrate_record(new) == new
     result = runner.invoke(app, ["migrate", str(folder)])

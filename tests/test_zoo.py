@@ -293,8 +293,8 @@ def test_full_and_full_sdpa_are_one_case():
     from attnbench.attention import canonical
 
     assert canonical("full") == canonical("full:impl=sdpa")
-    assert canonical("full").params_text == "impl=sdpa" and canonical("full:impl=sdpa").label == "full"
-    assert canonical("bra:topk=4,n_win=8").label == "bra:n_win=8"  # topk 4 is the default; order canonical
+    assert canonical("full").params_text == "impl=sdpa" and canonical("full").label == "full"
+    assert canonical("bra:topk=4,n_win=8").label == "bra:n_win=8,topk=4"  # as named, in registration order
     assert canonical("bra:n_win=8").params_text == "n_win=8,topk=4,side_dwconv=5,qk_dim=0,auto_pad=true,impl=sdpa"
 
 

@@ -255,6 +255,7 @@ class Canonical:
 
     name: str
     params: dict[str, Any]  # every parameter, defaults resolved
+    given: dict[str, Any] = field(compare=False)  # the parameters the spec named: display only
 
     @property
     def params_text(self) -> str:
@@ -263,15 +264,14 @@ class Canonical:
 
     @property
     def label(self) -> str:
-        """The shortest spec that builds it: the parameters that differ from the defaults."""
-        defaults = attention_info(self.name).defaults()
-        return format_spec(self.name, {k: v for k, v in self.params.items() if v != defaults[k]})
+        """The spec as given, its parameters in registration order: what tables and plots show."""
+        return format_spec(self.name, self.given)
 
 
 def canonical(spec: str) -> Canonical:
     """``"full"`` and ``"full:impl=sdpa"`` are one mechanism: resolve a spec to that one form."""
     name, params = parse_spec(spec)
-    return Canonical(name, attention_info(name).resolve(params))
+    return Canonical(name, attention_info(name).resolve(params), params)
 
 
 def build_attention(name: str, dim: int, num_heads: int, **params: Any) -> nn.Module:
