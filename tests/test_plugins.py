@@ -66,10 +66,11 @@ def test_plugins_draw_in_bench_viz(tmp_path):
     assert (tmp_path / "attention_maps.png").stat().st_size > 10_000
 
 
-def test_plugins_profile(tmp_path):
-    result = bench("profile", "pooled", *PLUGIN, "--resolution", "128", "--dim", "16", "--device", "cpu")
+@pytest.mark.parametrize("spec", ["pooled", "linear"])
+def test_plugins_profile(spec):
+    result = bench("profile", spec, *PLUGIN, "--resolution", "128", "--dim", "16", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "ms per call" in result.output
+    assert "ms per call" in result.output and "other" in result.output
 
 
 def test_a_plugin_given_as_a_module_name(tmp_path, monkeypatch):
