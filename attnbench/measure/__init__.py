@@ -1,6 +1,8 @@
-"""Measuring one case: MACs, latency, peak memory, in isolation. Knows the zoo, not reports."""
+"""Measuring one case: MACs, latency, peak memory, in isolation. Knows the registry (what each
+mechanism declares), not particular mechanisms, and not reports."""
 
-from .case import RESULT_COLUMNS, RESULT_KEY, Case, Result, check_case, check_device, run_case
+from ..schema import RESULT_COLUMNS, RESULT_KEY, Case, Result
+from .case import check_case, check_device, run_case
 from .closed_form import closed_form_macs
 from .env import environment, gemm_gflops
 from .flops import MacCount, count_macs

@@ -9,12 +9,10 @@ from typing import Any, Callable
 import torch
 
 from ..attention import Shape, attention_info, build_attention, canonical, format_spec
-from ..schema import DTYPE_NAMES, MODES, RESULT_COLUMNS, RESULT_KEY, SCHEMA_VERSION, Case, Result
+from ..schema import DTYPE_NAMES, MODES, SCHEMA_VERSION, Case, Result, key_of
 from .flops import MacCount, count_macs
 from .memory import peak_memory_bytes
 from .timing import time_call
-
-__all__ = ["RESULT_COLUMNS", "RESULT_KEY", "Case", "Result", "check_case", "check_device", "run_case"]
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 DEVICE_DTYPES = {"cpu": ("float32", "bfloat16", "float64"), "cuda": ("float32", "float16", "bfloat16", "float64")}
@@ -87,8 +85,7 @@ def result_for(case: Case, **fields: Any) -> Result:
 
 def case_key(case: Case) -> tuple:
     """The key ``case``'s record will have."""
-    d = result_for(case).to_dict()
-    return tuple(d[k] for k in RESULT_KEY)
+    return key_of(result_for(case).to_dict())
 
 
 def migrate_record(old: dict[str, Any]) -> dict[str, Any]:
@@ -98,11 +95,9 @@ def migrate_record(old: dict[str, Any]) -> dict[str, Any]:
     spec = old["mechanism"] + (f":{old['params']}" if old.get("params") else "")
     case = Case(spec, int(old["resolution"]), dim=int(old["dim"]), heads=int(old["heads"]), batch=int(old["batch"]),
                 dtype=old["dtype"], mode=old["mode"], device=old["device"], compile=bool(old.get("compile", False)))
-    fresh = result_for(case).to_dict()
-    merged = {**fresh, **{k: v for k, v in old.items() if k in fresh and k not in ("params", "label")}}
-    merged["height"], merged["width"] = old["height"], old["width"]  # as measured
-    merged["schema"] = SCHEMA_VERSION
-    return {k: merged[k] for k in RESULT_COLUMNS}
+    fresh = result_for(case).to_dict()  # the canonical key, label, reference and baseline
+    measured = {k: v for k, v in old.items() if k in fresh and k not in ("params", "label")}
+    return {**fresh, **measured}
 
 
 def shape_for(case: Case) -> Shape:
