@@ -179,6 +179,7 @@ def run_command(
     budget: float = typer.Option(2.0, help="seconds of timed runs per case, after warm-up (at least 3 runs are always taken)"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile each mechanism; compile time is reported apart"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch in every case and the calibration GEMM (default: the preset's, else torch's)"),
+    repeat: Optional[int] = typer.Option(None, help="measure each case in this many fresh processes and keep the median one (default: the preset's, else 1)"),
     out: Optional[Path] = typer.Option(None, help="results folder (default: results/<date>-<device>-r<resolutions>)"),
     resume: bool = typer.Option(False, help="continue the run in --out, skipping the cases it already holds"),
     force: bool = typer.Option(False, help="set the results already in --out aside (into a previous-* subfolder) and start afresh"),
@@ -195,6 +196,9 @@ def run_command(
         device = resolve_device(device)
         resolutions = tuple(resolution) if resolution else (chosen.resolutions or (1024,))
         threads = chosen.threads if threads is None else threads
+        repeat = chosen.repeat if repeat is None else repeat
+        if repeat < 1:
+            raise ValueError(f"--repeat {repeat} must be >= 1")
         fields = dict(stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode, device=device,
                       compile=compile_, threads=threads)
         cases = build_cases(specs or chosen.specs, resolutions, **fields)
@@ -207,6 +211,8 @@ def run_command(
     folder = out or default_folder(device, resolutions, resume)
     store = ResultsStore(folder)
     config = {"preset": None if specs else chosen.name, "methods": specs, "resolutions": list(resolutions), **fields}
+    if repeat > 1:
+        config["repeat"] = repeat
     if plugins:
         config["plugins"] = plugins
     if store.exists():
@@ -244,7 +250,7 @@ def run_command(
         for case in todo:
             progress.update(task, description=f"{case.spec} @ {case.resolution}px")
             result = run_isolated(case, mem_limit_bytes=bound, timeout_s=timeout, budget_s=budget,
-                                  gemm_gflops=env["gemm_gflops"], plugins=tuple(plugins))
+                                  gemm_gflops=env["gemm_gflops"], plugins=tuple(plugins), repeat=repeat)
             store.append(result)
             if result.status != "ok":
                 progress.console.print(f"  {escape(case.spec)} @ {case.resolution}px: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")

@@ -64,7 +64,9 @@ class Result:
     uncounted_ops: str = ""
     latency_ms: float | None = None  # median
     latency_iqr_ms: float | None = None
-    runs: int | None = None
+    runs: int | None = None  # timed samples in the process whose record this is
+    processes: int = 1  # fresh processes the case was measured in; this record is the median one
+    process_medians_ms: str = ""  # each process's median latency, in the order they ran ("" in old records)
     peak_mem_mb: float | None = None  # MiB (2^20 bytes) beyond inputs and weights
     gflops: float | None = None  # 2 * MACs (x3 for fwdbwd) / latency
     gemm_fraction: float | None = None  # gflops / the calibration GEMM's rate

@@ -127,6 +127,7 @@ def test_plot_of_a_folder_without_results_exits_2(tmp_path):
         (["--device", "tpu"], ["tpu"]),
         (["--mode", "train"], ["mode", "train"]),
         (["--mem-limit", "lots"], ["--mem-limit", "lots"]),
+        (["--repeat", "0"], ["--repeat 0", ">= 1"]),
     ],
 )
 def test_bad_input_exits_2_before_any_case(args, words, tmp_path):

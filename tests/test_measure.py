@@ -267,6 +267,17 @@ def test_isolated_ok_case_matches_the_closed_form():
     assert r.macs == closed_form_macs("window:window_size=4", 1, 16, 16, 32, 2)
 
 
+def test_repeat_keeps_the_median_process():
+    r = run_isolated(Case("window:window_size=4", 64, dim=32), budget_s=0.05, timeout_s=120, repeat=3)
+    assert r.status == "ok" and r.processes == 3
+    medians = [float(m) for m in r.process_medians_ms.split(",")]
+    assert len(medians) == 3 and f"{r.latency_ms:.4g}" == f"{sorted(medians)[1]:.4g}"
+    one = run_isolated(Case("window:window_size=4", 64, dim=32), budget_s=0.05, timeout_s=120)
+    assert one.processes == 1 and one.process_medians_ms == f"{one.latency_ms:.4g}"
+    with pytest.raises(ValueError, match="repeat"):
+        run_isolated(Case("full", 64), repeat=0)
+
+
 def test_isolated_case_over_the_memory_bound_is_oom():
     # naive full attention on 64x64 tokens holds 2 x 128 MiB of scores; bound it at 150 MiB
     r = run_isolated(Case("full:impl=naive", 256, dim=32), mem_limit_bytes=150 * 2**20, budget_s=0.05, timeout_s=120)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -130,6 +131,11 @@ class AttentionBase(nn.Module):
     def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
         """The weights that queries of ``x[0]`` at grid positions ``queries`` give to every key."""
         raise NotImplementedError
+
+    @staticmethod
+    def query_ids(queries: Sequence[tuple[int, int]], width: int, device: torch.device | None = None) -> Tensor:
+        """Flat token ids (y * width + x) of query positions, for indexing (N, ...) tensors."""
+        return torch.tensor([y * width + xx for y, xx in queries], device=device)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"

@@ -137,7 +137,7 @@ class DeformableAttention(AttentionBase):
         q = self.proj_q(x)
         points = self.sample_points(q)  # (G, Hk, Wk, 2)
         k = self.heads(self.proj_k(self.sample(x, points)))[0]  # (heads, Ns, d)
-        tokens = torch.tensor([y * W + xx for y, xx in queries], device=x.device)
+        tokens = self.query_ids(queries, W, x.device)
         qi = self.heads(q.view(1, H * W, C))[0][:, tokens]  # (heads, Q, d)
         probs = ((qi * self.scale) @ k.transpose(-2, -1)).softmax(-1)  # (heads, Q, Ns)
         spread = bilinear_spread(points.flatten(1, 2), H, W).mean(0)  # (Ns, H*W), groups averaged

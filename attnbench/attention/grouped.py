@@ -256,7 +256,7 @@ class GroupedAttention(AttentionBase):
         x = x[:1]
         H, W = x.shape[1:3]
         q, k, v = (t[0].flatten(0, 1) for t in self.project(x, slice(0, self.num_heads)))  # (N, h, d)
-        tokens = torch.tensor([y * W + xx for y, xx in queries], device=x.device)
+        tokens = self.query_ids(queries, W, x.device)
         rows, groups = [], []
         for i, (heads, layout) in enumerate(self.branches(H, W, x.device)):
             bias = self.learned_bias(i)

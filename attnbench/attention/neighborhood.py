@@ -289,7 +289,7 @@ class NeighborhoodAttention(AttentionBase):
         _, H, W, C = x.shape
         check_map_size(H, W, self.kernel_size, self.dilation)
         q, k, v = self.project(x)
-        tokens = torch.tensor([y * W + xx for y, xx in queries], device=x.device)
+        tokens = self.query_ids(queries, W, x.device)
         ids, rel = self.neighbours(H, W, x.device)
         probs = self.neighbour_probs(q[:, tokens], k, ids[tokens], rel[tokens])[0, :, :, 0]  # (Q, h, k^2)
         weights = x.new_zeros(len(queries), self.num_heads, H * W)

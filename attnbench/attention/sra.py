@@ -96,7 +96,7 @@ class SpatialReductionAttention(AttentionBase):
         x = x[:1]
         _, H, W, C = x.shape
         k, v, (Hk, Wk) = self.keys_values(x)  # (1, heads, Nk, d)
-        tokens = torch.tensor([y * W + xx for y, xx in queries], device=x.device)
+        tokens = self.query_ids(queries, W, x.device)
         q = self.heads(self.q(x).view(1, H * W, C))[0][:, tokens]  # (heads, Q, d)
         probs = ((q * self.scale) @ k[0].transpose(-2, -1)).softmax(-1)  # (heads, Q, Nk)
         weights = probs.transpose(0, 1).reshape(len(queries), self.num_heads, Hk, Wk)
