@@ -65,7 +65,7 @@ class PooledAttention(AttentionBase):
         x = x[:1]
         _, H, W, C = x.shape
         k, v, (Hk, Wk) = self.keys_values(x)
-        tokens = torch.tensor([y * W + xx for y, xx in queries])
+        tokens = self.query_ids(queries, W)
         q = self.heads(self.q(x).view(1, H * W, C))[0][:, tokens]  # (heads, Q, d)
         probs = ((q * self.scale) @ k[0].transpose(-2, -1)).softmax(-1)  # (heads, Q, Hk*Wk)
         weights = probs.transpose(0, 1).reshape(len(queries), self.num_heads, Hk, Wk)

@@ -59,7 +59,7 @@ class LinearAttention(AttentionBase):
         x = x[:1]
         _, H, W, _ = x.shape
         q, k, v = (t[0] for t in self.features(x))  # (heads, N, d)
-        tokens = torch.tensor([y * W + xx for y, xx in queries])
+        tokens = self.query_ids(queries, W)
         scores = q[:, tokens] @ k.transpose(-2, -1)  # (heads, Q, N), all positive
         weights = scores / (scores.sum(-1, keepdim=True) + self.eps)
         values = v.view(self.num_heads, H, W, self.head_dim)
