@@ -205,6 +205,9 @@ def run_command(
         for case in cases:
             check_case(case)  # mechanism, device and dtype, mode, resolution against the stride
         bound = parse_size(mem_limit, device) if mem_limit else None
+        for name, value in (("--timeout", timeout), ("--budget", budget), ("--mem-limit", bound)):
+            if value is not None and value <= 0:  # every case would be recorded timeout or oom, and kept
+                raise ValueError(f"{name} {mem_limit if name == '--mem-limit' else value} must be more than 0")
     except ValueError as exc:
         fail(str(exc))
 
@@ -363,8 +366,10 @@ def viz_command(
 ) -> None:
     """Draw what each mechanism attends to on a real image (maps), or its pattern sheet."""
     from .attention import build_attention
-    from .report.content import content_tokens, load_image
-    from .report.viz import Scene, default_methods, default_queries, draw_figure, draw_pattern_sheet, load_checkpoint
+    from .measure.isolate import default_mem_limit_bytes
+    from .report.content import content_tokens, image_size, load_image
+    from .report.viz import (Scene, default_methods, default_queries, draw_figure, draw_pattern_sheet, load_checkpoint,
+                             memory_needed)
 
     load_plugin_options(plugin)
 
@@ -376,6 +381,12 @@ def viz_command(
         specs = split_methods(methods) if methods else default_methods()
         for spec in specs:
             build_attention(spec, dim, heads)  # bad parameters fail here, before any drawing
+        width, height = image_size(image, resolution)
+        need, bound = memory_needed(kind, width, height, stride, heads), default_mem_limit_bytes("cpu")
+        if need > bound:
+            raise ValueError(f"a {width}x{height} px image at stride {stride} ({(width // stride) * (height // stride)} "
+                             f"tokens) needs about {need / 2**30:.1f} GiB to draw, over the {bound / 2**30:.1f} GiB "
+                             "bound (70% of the memory free now); use a smaller --resolution or a larger --stride")
         picture = load_image(image, resolution, stride)
         queries = [parse_query(q) for q in query] if query else default_queries(picture)
         scene = Scene(picture, stride, content_tokens(picture, stride, dim), str(image or "grace_hopper.jpg (matplotlib sample data)"))
@@ -415,7 +426,8 @@ def profile_command(
 ) -> None:
     """Time the stages of one mechanism (for BRA: projections, routing, gather, token attention, lepe, output)."""
     from .measure import check_case
-    from .measure.case import Case, build_case, make_step
+    from .measure.case import Case, build_case, estimate_peak_bytes, make_step
+    from .measure.isolate import default_mem_limit_bytes
     from .measure.profile import profile_stages
 
     load_plugin_options(plugin)
@@ -426,6 +438,11 @@ def profile_command(
         check_case(case)
         if runs < 1:
             raise ValueError(f"--runs {runs} must be >= 1")
+        need, bound = estimate_peak_bytes(case), default_mem_limit_bytes(device)
+        if need > bound:  # profiled in this process: past the bound it would take the machine down
+            raise ValueError(f"{spec} on {case.height}x{case.width} tokens needs about {need / 2**30:.1f} GiB "
+                             f"(estimated), over the {bound / 2**30:.1f} GiB bound (70% of the memory free now); "
+                             "use a smaller --resolution")
     except ValueError as exc:
         fail(str(exc))
     step = make_step(*build_case(case), mode)

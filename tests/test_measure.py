@@ -292,6 +292,24 @@ def test_hopeless_case_is_refused_unrun():
     assert time.perf_counter() - t0 < 5
 
 
+@pytest.mark.parametrize("spec", ["full", "window:window_size=8", "neighborhood", "bra:n_win=8,topk=4"])
+def test_refusing_a_hopeless_case_runs_nothing_that_scales_with_the_tokens(spec, monkeypatch):
+    """25,000 x 25,000 tokens: refused, with MACs from the closed form, and no trace, layout
+    or module forward anywhere (each would take tens of GiB at this size)."""
+    import attnbench.attention.grouped as grouped
+    import attnbench.measure.case as case_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work that scales with the tokens ran before the refusal")
+
+    monkeypatch.setattr(case_module, "count_macs", forbidden)
+    monkeypatch.setattr(grouped, "layout_from_slots", forbidden)
+    case = Case(spec, 100_000, dim=16)
+    r = run_isolated(case, mem_limit_bytes=2**30, timeout_s=20)
+    assert r.status == "oom" and "not run" in r.error
+    assert r.macs == closed_form_macs(spec, 1, 25_000, 25_000, 16, 2)
+
+
 def test_isolated_case_past_its_timeout_is_killed():
     t0 = time.perf_counter()
     r = run_isolated(Case("full:impl=naive", 512, dim=32), timeout_s=2, budget_s=30)

@@ -100,21 +100,26 @@ def migrate_record(old: dict[str, Any]) -> dict[str, Any]:
     return {**fresh, **measured}
 
 
+def closed_form_of(case: Case) -> int | None:
+    """The case's MACs from its mechanism's declared closed form: arithmetic only, None without one."""
+    c = canonical(case.spec)
+    macs = attention_info(c.name).macs
+    return int(macs(shape_for(case), c.params)) if macs else None
+
+
 def shape_for(case: Case) -> Shape:
     return Shape(case.batch, case.height, case.width, case.dim, case.heads, DTYPES[case.dtype].itemsize)
 
 
-def macs_of(case: Case, allow_real: bool = True) -> MacCount | None:
+def macs_of(case: Case) -> MacCount:
     """Count on the meta device when the mechanism traces there (free), else for real
-    (one forward on the CPU), or None when that is not allowed."""
+    (one forward on the CPU)."""
     x_shape = (case.batch, case.height, case.width, case.dim)
     try:
         with torch.device("meta"):
             module = build_attention(case.spec, case.dim, case.heads)
         return count_macs(module, torch.empty(x_shape, device="meta"))
     except (TypeError, RuntimeError, NotImplementedError):
-        if not allow_real:
-            return None
         module = build_attention(case.spec, case.dim, case.heads)
         return count_macs(module, torch.randn(x_shape))
 

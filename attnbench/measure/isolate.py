@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..attention import load_plugins
-from .case import Case, Result, estimate_peak_bytes, macs_of, result_for, run_case
+from .case import Case, Result, closed_form_of, estimate_peak_bytes, result_for, run_case
 from .preload import PLUGINS_ENV
 
 # a refusal without running needs the estimate to exceed the bound by this factor
@@ -77,13 +77,10 @@ def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float
 
 
 def _failed(case: Case, status: str, error: str) -> Result:
-    """A result without measurements; MACs still filled in where counting is free."""
-    try:
-        macs = macs_of(case, allow_real=False)
-    except Exception:  # noqa: BLE001 - a count is a nicety here
-        macs = None
-    fields = dict(macs=macs.total, uncounted_ops=macs.uncounted_text()) if macs else {}
-    return result_for(case, status=status, error=error, **fields)
+    """A result without measurements; MACs from the mechanism's closed form where it declares
+    one. Nothing that scales with the tokens runs here (no trace, no layout): this is also
+    the path of a case refused as far too big for the machine."""
+    return result_for(case, status=status, error=error, macs=closed_form_of(case))
 
 
 _CONTEXT: Any = None

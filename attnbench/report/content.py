@@ -29,6 +29,19 @@ def sample_image_path() -> Path:
     return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 
 
+def image_size(path: Path | str | None, width: int | None) -> tuple[int, int]:
+    """(width, height) the image will have, read from its header without decoding it."""
+    path = Path(path) if path is not None else sample_image_path()
+    if not path.is_file():
+        raise ValueError(f"image '{path}' does not exist or is not a file")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"image '{path}' cannot be read as a JPEG or PNG ({exc})") from None
+    return (width, max(1, round(h * width / w))) if width else (w, h)
+
+
 def load_image(path: Path | str | None, width: int | None, stride: int) -> np.ndarray:
     """RGB in [0, 1], (H, W, 3), resized to ``width`` (aspect kept) and cropped to whole
     ``stride`` patches. Raises ValueError for a missing or unreadable file."""

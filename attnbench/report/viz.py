@@ -42,6 +42,17 @@ class Scene:
         return self.tokens.shape[1], self.tokens.shape[2]
 
 
+def memory_needed(kind: str, width: int, height: int, stride: int, heads: int) -> int:
+    """A generous estimate of the bytes drawing needs: the image's float copies (patch
+    statistics take about a dozen per pixel) and the maps: the pattern sheet holds every
+    query's weights on every key (heads x N^2, a few times over); the maps figure can hold
+    N^2 (deformable attention's bilinear spread at stride 1)."""
+    tokens = (width // stride) * (height // stride)
+    image = 12 * width * height * 3 * 4
+    maps = 3 * heads * tokens**2 * 4 if kind == "pattern" else 2 * tokens**2 * 4
+    return image + maps
+
+
 def default_queries(image: np.ndarray) -> list[tuple[int, int]]:
     """Three well-spread pixel positions: upper left, centre, lower right of the middle."""
     H, W = image.shape[:2]
