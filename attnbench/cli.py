@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -142,6 +145,26 @@ def _results_table(records: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+@contextmanager
+def interrupts_as_keyboard_interrupt():
+    """SIGTERM raises KeyboardInterrupt like Ctrl-C does, so a killed run ends its running case
+    and says how to resume; yields the name of the signal received (a one-item list)."""
+    received: list[str] = []
+
+    def on_term(signum, frame):
+        received.append("SIGTERM")
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def write_reports(store: ResultsStore) -> list[Path]:
     from .report.plots import plot_all
 
@@ -248,16 +271,25 @@ def run_command(
         f"[GEMM {env['gemm_gflops']:.0f} GFLOP/s, {env['threads']} threads]"
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("starting", total=len(todo))
-        for case in todo:
-            progress.update(task, description=f"{case.spec} @ {case.resolution}px")
-            result = run_isolated(case, mem_limit_bytes=bound, timeout_s=timeout, budget_s=budget,
-                                  gemm_gflops=env["gemm_gflops"], plugins=tuple(plugins), repeat=repeat)
-            store.append(result)
-            if result.status != "ok":
-                progress.console.print(f"  {escape(case.spec)} @ {case.resolution}px: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
-            progress.advance(task)
+    finished = 0
+    with interrupts_as_keyboard_interrupt() as received:
+        try:
+            with Progress(*columns, console=console, transient=False) as progress:
+                task = progress.add_task("starting", total=len(todo))
+                for case in todo:
+                    progress.update(task, description=f"{case.spec} @ {case.resolution}px")
+                    result = run_isolated(case, mem_limit_bytes=bound, timeout_s=timeout, budget_s=budget,
+                                          gemm_gflops=env["gemm_gflops"], plugins=tuple(plugins), repeat=repeat)
+                    store.append(result)
+                    finished += 1
+                    if result.status != "ok":
+                        progress.console.print(f"  {escape(case.spec)} @ {case.resolution}px: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
+                    progress.advance(task)
+        except KeyboardInterrupt:  # the running case's process is killed on the way out (run_isolated)
+            console.print(f"[yellow]interrupted ({received[0] if received else 'SIGINT'})[/]: {finished} of {len(todo)} "
+                          f"cases finished and kept in {store.jsonl}; continue with the same command plus "
+                          f"--resume --out {folder}")
+            raise typer.Exit(143 if received and received[0] == "SIGTERM" else 130) from None
     written = write_reports(store)
     console.print(_results_table(store.records(), f"{folder} ({device}, {dtype}, {mode})"))
     console.print("wrote " + ", ".join(p.name for p in [store.jsonl, store.csv, store.env_path, *written]))

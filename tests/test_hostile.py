@@ -51,3 +51,67 @@ def test_nonsensical_bounds_are_refused_up_front(option, value, tmp_path):
     assert result.exit_code == 2, result.output
     assert option in result.output and "more than 0" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def alive(pids: set[int]) -> set[int]:
+    left = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    left.add(pid)
+        except OSError:
+            pass
+    return left
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -9), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stopping_bench_ends_its_case_processes(sig, code, tmp_path):
+    """A case that runs for a minute, and bench stopped under it: nothing it started survives
+    it by more than a few seconds; a SIGTERM or Ctrl-C says how to resume."""
+    out = tmp_path / "o"
+    command = ["run", "-r", "2048", "-m", "full", "--dim", "16", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", "from attnbench.cli import app; app()", *command],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        started = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the case's process: a grandchild (below the forkserver)
+            started = descendants(proc.pid)
+            if any(descendants(p) for p in started):
+                break
+            time.sleep(0.2)
+        assert any(descendants(p) for p in started), "the case never started"
+        started = descendants(proc.pid)
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=30)
+        assert proc.returncode == code, output
+        deadline = time.monotonic() + 10
+        while alive(started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(started), f"left running: {alive(started)}"
+        if sig != signal.SIGKILL:
+            assert "--resume" in output and str(out) in output.replace("\n", "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

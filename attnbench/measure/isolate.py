@@ -15,6 +15,10 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import select
+import signal
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -54,7 +58,32 @@ def _vm_size_bytes() -> int:
     return 0
 
 
-def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...]) -> None:
+def _die_with(pid: int) -> None:
+    """End this process the moment process ``pid`` ends, however it ends (SIGKILL included).
+    A case's parent is the forkserver, which by design outlives the process that asked for
+    the case while the case runs, so the case watches that process itself."""
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)  # readable once the process has exited; Linux 5.3+
+            select.select([fd], [], [])
+        except (AttributeError, OSError):  # no pidfd: poll
+            while True:
+                time.sleep(0.5)
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+
+
+def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...],
+           parent_pid: int) -> None:
+    _die_with(parent_pid)
     try:
         load_plugins(plugins)  # already loaded when the forkserver preloaded them
         device = torch.device(case.device)
@@ -140,7 +169,8 @@ def _run_in_child(case: Case, mem_limit: int, timeout_s: float, budget_s: float,
                   plugins: tuple[str, ...]) -> Result:
     ctx = _context(plugins)
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, case, mem_limit, budget_s, gemm_gflops, plugins), daemon=True)
+    proc = ctx.Process(target=_child, args=(child, case, mem_limit, budget_s, gemm_gflops, plugins, os.getpid()),
+                       daemon=True)
     proc.start()
     child.close()
     try:
