@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -209,8 +209,7 @@ def run_command(
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Measure every mechanism of a preset (or --methods) at each resolution; write results, a table and plots."""
-    from .measure import check_case, environment, gemm_gflops, run_isolated
-    from .measure.case import DTYPES, case_key
+    from .measure import check_case
 
     plugins = load_plugin_options(plugin)
     try:
@@ -241,6 +240,29 @@ def run_command(
         config["repeat"] = repeat
     if plugins:
         config["plugins"] = plugins
+    writing = ExitStack()
+    try:
+        writing.enter_context(store.writer())  # one writer per folder; --out checked before any work
+        foreign = store.foreign_files()
+        if foreign and not store.exists():
+            names = ", ".join(p.name for p in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ValueError(f"{folder} holds files bench did not write ({names}); give an empty or new --out")
+    except ValueError as exc:
+        writing.close()
+        fail(str(exc))
+    with writing:
+        _run_cases(store, config, cases, bound, timeout, budget, plugins, force, resume)
+
+
+def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: int | None, timeout: float,
+               budget: float, plugins: list[str], force: bool, resume: bool) -> None:
+    """bench run, once it holds the folder: set earlier results aside or resume them, calibrate,
+    measure each case not done yet, write the reports."""
+    from .measure import environment, gemm_gflops, run_isolated
+    from .measure.case import DTYPES, case_key
+
+    folder, threads, repeat = store.folder, config["threads"], config.get("repeat", 1)
+    device, dtype, mode = config["device"], config["dtype"], config["mode"]
     if store.exists():
         old = store.config()
         if force:

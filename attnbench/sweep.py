@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .schema import RESULT_COLUMNS, Case, Result, check_record, key_of
 
@@ -101,11 +104,38 @@ def build_cases(specs: Iterable[str], resolutions: Iterable[int], **fields: Any)
     return [Case(spec=spec, resolution=res, **fields) for res in sorted(set(resolutions)) for spec in unique.values()]
 
 
+# what bench writes into a results folder; --force moves these and nothing else
+OWN_FILES = ("results.jsonl", "results.csv", "results.csv.tmp", "results.jsonl.tmp", "results.jsonl.partial",
+             "results.schema1.jsonl", "config.json", "env.json", "summary.md", "scaling.png", "scaling.svg",
+             "frontier.png", "frontier.svg", "params_*.png", "params_*.svg")
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ResultsStore:
     """A results folder, written case by case."""
 
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
+        self.lock_path = self.folder / "bench.lock"
         self.jsonl = self.folder / "results.jsonl"
         self.csv = self.folder / "results.csv"
         self.config_path = self.folder / "config.json"
@@ -173,14 +203,65 @@ class ResultsStore:
         self.config_path.write_text(json.dumps(config, indent=2) + "\n")
         self.env_path.write_text(json.dumps(env, indent=2) + "\n")
 
+    def own_files(self) -> list[Path]:
+        """The files in the folder that bench writes (results, configuration, reports, plots)."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir() if p.is_file() and any(p.match(g) for g in OWN_FILES))
+
+    def foreign_files(self) -> list[Path]:
+        """Files and folders bench did not write (earlier runs' previous-* folders are its own)."""
+        if not self.folder.is_dir():
+            return []
+        own = set(self.own_files()) | {self.lock_path}
+        return sorted(p for p in self.folder.iterdir() if p not in own and not (p.is_dir() and p.name.startswith("previous-")))
+
     def set_aside(self) -> Path:
-        """Move what the folder holds into a dated subfolder (for --force): nothing is lost."""
+        """Move the files bench wrote into a dated subfolder (for --force): nothing is lost, and
+        what the user keeps in the folder stays where it is."""
         backup = self.folder / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
         backup.mkdir()
-        for path in self.folder.iterdir():
-            if path.is_file():
-                shutil.move(str(path), backup / path.name)
+        for path in self.own_files():
+            shutil.move(str(path), backup / path.name)
         return backup
+
+    @contextmanager
+    def writer(self) -> Iterator[None]:
+        """Hold the folder's lock while writing: one bench run writes a folder at a time. A
+        lock left by a process that is gone (on this host) is taken over."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"--out {self.folder} is a file, not a folder")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".bench-write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(f"--out {self.folder} cannot be written: {exc.strerror or exc}") from None
+        mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = _read_lock(self.lock_path)
+                if holder is None:
+                    continue  # removed between the two calls, or half written: try again
+                if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
+                    self.lock_path.unlink(missing_ok=True)  # its writer is gone
+                    continue
+                raise ValueError(
+                    f"{self.folder} is being written by another bench run (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {holder.get('since')}); wait for it to finish, use another --out, "
+                    f"or delete {self.lock_path} if that run is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(mine)
+            break
+        try:
+            yield
+        finally:
+            if _read_lock(self.lock_path) == json.loads(mine):
+                self.lock_path.unlink(missing_ok=True)
 
     def append(self, result: Result) -> None:
         self.repair()

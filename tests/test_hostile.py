@@ -115,3 +115,84 @@ def test_stopping_bench_ends_its_case_processes(sig, code, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+TINY = ["-r", "32", "-m", "window:window_size=4", "--dim", "16", "--budget", "0.02", "--device", "cpu"]
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import json as json_module
+    import socket
+
+    out = tmp_path / "o"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": sleeper.pid, "host": socket.gethostname(), "since": "2026-11-28 12:00:00"}
+        (out / "bench.lock").write_text(json_module.dumps(lock))
+        result = bench("run", *TINY, "--out", out)
+        assert result.exit_code == 2, result.output
+        flat = result.output.replace("\n", "")
+        assert "being written by another bench run" in flat and f"pid {sleeper.pid}" in flat
+        assert not (out / "results.jsonl").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    result = bench("run", *TINY, "--out", out)  # the lock's process is gone: taken over
+    assert result.exit_code == 0, result.output
+    assert (out / "results.jsonl").exists() and not (out / "bench.lock").exists()
+
+
+def test_two_runs_at_once_one_is_refused(tmp_path):
+    out = tmp_path / "o"
+    command = [sys.executable, "-c", "from attnbench.cli import app; app()", "run", "-r", "1024", "-m", "full",
+               "--dim", "16", "--device", "cpu", "--out", str(out)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "bench.lock").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+        assert second.returncode == 2, second.stdout
+        assert "being written by another bench run" in second.stdout and f"pid {first.pid}" in second.stdout
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_bench_never_mixes_its_files_into_a_folder_of_the_users(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "data.csv").write_text("1,2\n")
+    result = bench("run", *TINY, "--out", out)
+    assert result.exit_code == 2 and "did not write" in result.output and "README.md" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "data.csv"]
+
+
+def test_force_moves_only_what_bench_wrote(tmp_path):
+    out = tmp_path / "o"
+    assert bench("run", *TINY, "--out", out).exit_code == 0
+    (out / "my-notes.md").write_text("mine")
+    result = bench("run", *TINY, "--out", out, "--force")
+    assert result.exit_code == 0, result.output
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert (out / "my-notes.md").read_text() == "mine"  # stays where the user put it
+    assert {"results.jsonl", "config.json", "summary.md"} <= {p.name for p in aside.iterdir()}
+    assert "my-notes.md" not in {p.name for p in aside.iterdir()}
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(kind, tmp_path):
+    if kind == "file":
+        out = tmp_path / "o"
+        out.write_text("not a folder")
+        words = ["is a file"]
+    else:
+        out = "/proc/attnbench-test-out"  # no folder can be made there, not even by root
+        words = ["cannot be written", str(out)]
+    result = bench("run", *TINY, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert "calibrating" not in result.output
+    for w in words:
+        assert w in result.output
