@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .report import summary_markdown, summary_rows
-from .report.compare import compare_runs, environment_differences, gate_failed, load_results
+from .report.compare import compare_runs, environment_differences, gate_failed, key_differences, load_results
 from .report.table import COLUMNS
 from .schema import DTYPE_NAMES
 from .sweep import PRESETS, ResultsStore, build_cases, preset
@@ -374,6 +374,9 @@ def compare_command(
     except ValueError as exc:
         fail(str(exc))
     rows = compare_runs(base, cur, latency_tol, latency_floor, mem_tol, accept_flops)
+    if all(r.verdict in ("New", "Missing") for r in rows):  # nothing compared must not read as "passed"
+        differ = "; ".join(key_differences(base, cur)) or "their mechanisms or parameters"
+        fail(f"{base.source} and {cur.source} share no case, so nothing was compared; they differ in {differ}")
     for difference in environment_differences(base, cur):
         console.print(f"[yellow]note:[/] the runs differ in {escape(difference)}; latency is normalised, memory may differ")
     table = Table(title=f"{base.source} -> {cur.source}")

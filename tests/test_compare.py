@@ -159,3 +159,39 @@ def test_malformed_input_exits_2(measured, tmp_path, content, words):
 def test_missing_input_exits_2(measured, tmp_path):
     result = compare(measured, tmp_path / "nowhere")
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_runs_that_share_no_case_exit_2_naming_what_differs(measured, tmp_path):
+    def other_dim(r):
+        r["dim"] = 16
+        return r
+
+    result = compare(measured, doctored(measured, tmp_path / "cur", other_dim))
+    assert result.exit_code == 2, result.output
+    flat = result.output.replace("\n", " ")
+    assert "share no case" in flat and "dim: 32 in the baseline, 16 now" in flat
+
+
+def test_labels_name_the_key_fields_that_vary(measured, tmp_path):
+    def other_heads_for_axial(r):
+        if r["mechanism"] == "axial":
+            r["heads"] = 4
+        return r
+
+    rows = compare_runs(load_results(measured), load_results(doctored(measured, tmp_path / "cur", other_heads_for_axial)))
+    new = [r.case for r in rows if r.verdict == "New"]
+    missing = [r.case for r in rows if r.verdict == "Missing"]
+    assert new and all("heads=4" in c for c in new) and all("heads=2" in c for c in missing)
+    assert not set(new) & set(missing)  # one label is never both New and Missing
+
+
+def test_a_value_that_is_not_a_number_exits_2_with_the_record(measured, tmp_path):
+    def garbage(r):
+        if r["mechanism"] == "window" and r["resolution"] == 128:
+            r["macs"] = "lots"
+        return r
+
+    result = compare(measured, doctored(measured, tmp_path / "cur", garbage))
+    assert result.exit_code == 2, result.output
+    flat = result.output.replace("\n", "")
+    assert "macs = 'lots' is not a number" in flat and "record" in flat

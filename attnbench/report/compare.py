@@ -59,6 +59,9 @@ def load_results(path: Path | str) -> RunResults:
         raise ValueError(f"{path} holds no results")
     for n, r in enumerate(records, 1):
         check_record(r, f"{path}: record {n}", NEEDED)
+        for name in ("macs", "latency_ms", "peak_mem_mb"):
+            if r[name] not in (None, "") and number(r[name]) is None:
+                raise ValueError(f"{path}: record {n}: {name} = {r[name]!r} is not a number")
         r["params"] = "" if r["params"] is None else str(r["params"])
     env: dict[str, Any] = {}
     env_path = folder / "env.json"
@@ -95,9 +98,23 @@ def _references(run: RunResults) -> dict[tuple, float]:
     return {shape: ms for shape, ms in refs.items() if ms}
 
 
-def _label(r: dict[str, Any]) -> str:
+LABEL_EXTRAS = ("dim", "heads", "batch", "height", "width")  # key fields a label names only when they vary
+
+
+def _label(r: dict[str, Any], varying: tuple[str, ...] = ()) -> str:
     compiled = " compiled" if r["compile"] else ""
-    return f"{r['label']} @ {r['resolution']}px {r['dtype']} {r['mode']} {r['device']}{compiled}"
+    extra = "".join(f" {f}={r[f]}" for f in varying)
+    return f"{r['label']} @ {r['resolution']}px {r['dtype']} {r['mode']} {r['device']}{compiled}{extra}"
+
+
+def key_differences(base: RunResults, cur: RunResults) -> list[str]:
+    """The key fields whose values differ between the two sides, with the values."""
+    out = []
+    for f in KEY:
+        b, c = {str(r[f]) for r in base.records}, {str(r[f]) for r in cur.records}
+        if b != c and f not in ("params", "height", "width"):
+            out.append(f"{f}: {', '.join(sorted(b))} in the baseline, {', '.join(sorted(c))} now")
+    return out
 
 
 def compare_runs(
@@ -111,13 +128,17 @@ def compare_runs(
     base_by = {tuple(r[k] for k in KEY): r for r in base.records}
     cur_by = {tuple(r[k] for k in KEY): r for r in cur.records}
     base_ref, cur_ref = _references(base), _references(cur)
+    every = base.records + cur.records
+    resolutions = len({r["resolution"] for r in every})
+    varying = tuple(f for f in LABEL_EXTRAS  # the grid follows the resolution unless the stride differs
+                    if len({(r["resolution"], str(r[f])) for r in every}) > resolutions)
     rows = []
     for key, c in cur_by.items():
         b = base_by.get(key)
         if b is None:
-            rows.append(Row(_label(c), "New", ["not in the baseline"]))
+            rows.append(Row(_label(c, varying), "New", ["not in the baseline"]))
             continue
-        row = Row(_label(c), "Same")
+        row = Row(_label(c, varying), "Same")
         worse = better = False
         if b["status"] == "ok" and c["status"] != "ok":
             row.notes.append(f"was ok, now {c['status']}: {str(c.get('error', ''))[:120]}")
@@ -151,7 +172,7 @@ def compare_runs(
         rows.append(row)
     for key, b in base_by.items():
         if key not in cur_by:
-            rows.append(Row(_label(b), "Missing", ["in the baseline only"]))
+            rows.append(Row(_label(b, varying), "Missing", ["in the baseline only"]))
     return rows
 
 
