@@ -417,7 +417,8 @@ def viz_command(
     checkpoint: Optional[Path] = typer.Option(None, help="trained attention weights (a BiFormer BRA or Swin window-attention state dict)"),
     results: Optional[Path] = typer.Option(None, help="a results folder or file: adds GMACs, latency and memory to the titles"),
     kind: str = typer.Option("maps", help="maps: attention maps on the image; pattern: the pattern sheet"),
-    out: Path = typer.Option(Path("results/viz"), help="output folder"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: results/viz, or the next free results/viz-2, ... so an earlier figure is never replaced)"),
+    force: bool = typer.Option(False, help="replace the figure in --out if it is there"),
     svg: bool = typer.Option(False, help="also write SVG"),
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
@@ -433,6 +434,14 @@ def viz_command(
     try:
         if kind not in ("maps", "pattern"):
             raise ValueError(f"unknown --kind '{kind}'; use maps or pattern")
+        name = "attention_maps" if kind == "maps" else "attention_patterns"
+        taken = lambda folder: (folder / f"{name}.png").exists()  # noqa: E731
+        if out is None:
+            out = next(f for f in [Path("results/viz")] + [Path(f"results/viz-{n}") for n in range(2, 10_000)] if not taken(f))
+        elif taken(out) and not force:
+            raise ValueError(f"{out / (name + '.png')} exists; use --force to replace it, or another --out")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
         if stride < 1:
             raise ValueError(f"--stride {stride} must be >= 1")
         specs = split_methods(methods) if methods else default_methods()

@@ -196,3 +196,16 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(kind, tmp_path
     assert "calibrating" not in result.output
     for w in words:
         assert w in result.output
+
+
+def test_viz_never_replaces_a_figure_unasked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["viz", "-m", "window:window_size=4", "--resolution", "128"]
+    assert bench(*args).exit_code == 0
+    first = (tmp_path / "results" / "viz" / "attention_maps.png").read_bytes()
+    result = bench(*args)  # the default folder is taken: the next free one
+    assert result.exit_code == 0 and "results/viz-2/attention_maps.png" in result.output
+    assert (tmp_path / "results" / "viz" / "attention_maps.png").read_bytes() == first
+    result = bench(*args, "--out", "results/viz")
+    assert result.exit_code == 2 and "--force" in result.output
+    assert bench(*args, "--out", "results/viz", "--force").exit_code == 0
