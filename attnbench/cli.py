@@ -25,7 +25,7 @@ from rich.table import Table
 from .report import summary_markdown, summary_rows
 from .report.compare import compare_runs, environment_differences, gate_failed, key_differences, load_results
 from .report.table import COLUMNS
-from .schema import DTYPE_NAMES
+from .schema import DTYPE_NAMES, key_of
 from .sweep import PRESETS, ResultsStore, build_cases, preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="attnbench: what vision attention costs, and what it attends to.")
@@ -205,6 +205,7 @@ def run_command(
     repeat: Optional[int] = typer.Option(None, help="measure each case in this many fresh processes and keep the median one (default: the preset's, else 1)"),
     out: Optional[Path] = typer.Option(None, help="results folder (default: results/<date>-<device>-r<resolutions>)"),
     resume: bool = typer.Option(False, help="continue the run in --out, skipping the cases it already holds"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="with --resume: measure the cases recorded oom, timeout or error again (their old records are kept in results.retried.jsonl)"),
     force: bool = typer.Option(False, help="set the results already in --out aside (into a previous-* subfolder) and start afresh"),
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
@@ -213,6 +214,8 @@ def run_command(
 
     plugins = load_plugin_options(plugin)
     try:
+        if retry_failed and not resume:
+            raise ValueError("--retry-failed needs --resume: it measures a run's failed cases again")
         chosen = preset(preset_name)
         specs = split_methods(methods) if methods else None
         device = resolve_device(device)
@@ -251,11 +254,31 @@ def run_command(
         writing.close()
         fail(str(exc))
     with writing:
-        _run_cases(store, config, cases, bound, timeout, budget, plugins, force, resume)
+        _run_cases(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed)
+
+
+def config_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """The options in which two runs' configurations differ, named; the order of --methods
+    and the way a spec is written (full, full:impl=sdpa) do not count."""
+    from .attention import canonical
+
+    def methods(c: dict[str, Any]) -> Any:
+        specs = c.get("methods")
+        return None if specs is None else sorted({(m.name, m.params_text) for m in map(canonical, specs)})
+
+    old = old or {}
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = (methods(old), methods(new)) if key == "methods" else (old.get(key), new.get(key))
+        if key == "resolutions":
+            a, b = sorted(a or []), sorted(b or [])
+        if a != b:
+            out.append(f"{key} {old.get(key)} there, {new.get(key)} now")
+    return out
 
 
 def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: int | None, timeout: float,
-               budget: float, plugins: list[str], force: bool, resume: bool) -> None:
+               budget: float, plugins: list[str], force: bool, resume: bool, retry_failed: bool) -> None:
     """bench run, once it holds the folder: set earlier results aside or resume them, calibrate,
     measure each case not done yet, write the reports."""
     from .measure import environment, gemm_gflops, run_isolated
@@ -269,13 +292,19 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
             aside = store.set_aside()
             console.print(f"earlier results moved to {aside}")
         elif not resume:
-            what = "results of another configuration" if old != config else "results"
+            what = "results of another configuration" if config_differences(old, config) else "results"
             fail(f"{folder} already holds {what}; use --resume to continue that run or --force to set them aside")
-        elif old is not None and old != config:
-            fail(f"{folder} holds results of another configuration ({old}); --resume needs the same options, or use --out elsewhere")
+        elif old is not None and config_differences(old, config):
+            fail(f"{folder} holds a run with other options ({'; '.join(config_differences(old, config))}); "
+                 "--resume needs the same options, or use --out elsewhere")
 
     try:
         done = store.done() if resume else set()
+        if resume and retry_failed:
+            retried = store.set_aside_failed()
+            if retried:
+                console.print(f"measuring {len(retried)} failed cases again (their records: {store.retried_path})")
+                done -= {key_of(r) for r in retried}
     except ValueError as exc:
         fail(str(exc))
     if threads:

@@ -106,7 +106,7 @@ def build_cases(specs: Iterable[str], resolutions: Iterable[int], **fields: Any)
 
 # what bench writes into a results folder; --force moves these and nothing else
 OWN_FILES = ("results.jsonl", "results.csv", "results.csv.tmp", "results.jsonl.tmp", "results.jsonl.partial",
-             "results.schema1.jsonl", "config.json", "env.json", "summary.md", "scaling.png", "scaling.svg",
+             "results.schema1.jsonl", "results.retried.jsonl", "config.json", "env.json", "summary.md", "scaling.png", "scaling.svg",
              "frontier.png", "frontier.svg", "params_*.png", "params_*.svg")
 
 
@@ -136,6 +136,7 @@ class ResultsStore:
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
         self.lock_path = self.folder / "bench.lock"
+        self.retried_path = self.folder / "results.retried.jsonl"
         self.jsonl = self.folder / "results.jsonl"
         self.csv = self.folder / "results.csv"
         self.config_path = self.folder / "config.json"
@@ -202,6 +203,20 @@ class ResultsStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(config, indent=2) + "\n")
         self.env_path.write_text(json.dumps(env, indent=2) + "\n")
+
+    def set_aside_failed(self) -> list[dict[str, Any]]:
+        """Take the records whose status is not ok out of results.jsonl, appending them to
+        results.retried.jsonl (nothing is lost); returns them."""
+        records = self.records()
+        failed = [r for r in records if r["status"] != "ok"]
+        if failed:
+            with self.retried_path.open("a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in failed))
+            tmp = self.jsonl.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r["status"] == "ok"))
+            tmp.replace(self.jsonl)
+            self.write_csv()
+        return failed
 
     def own_files(self) -> list[Path]:
         """The files in the folder that bench writes (results, configuration, reports, plots)."""

@@ -209,3 +209,42 @@ def test_viz_never_replaces_a_figure_unasked(tmp_path, monkeypatch):
     result = bench(*args, "--out", "results/viz")
     assert result.exit_code == 2 and "--force" in result.output
     assert bench(*args, "--out", "results/viz", "--force").exit_code == 0
+
+
+def test_resume_retries_failed_cases_when_asked_and_keeps_their_old_records(tmp_path):
+    out = tmp_path / "o"
+    result = bench("run", *TINY, "--out", out, "--mem-limit", "1MiB")  # every allocation fails: oom
+    assert result.exit_code == 0 and "oom" in result.output
+    result = bench("run", *TINY, "--out", out, "--resume")  # a plain resume keeps what is recorded
+    assert "1 cases (1 already done)" in result.output
+    result = bench("run", *TINY, "--out", out, "--resume", "--retry-failed")
+    assert result.exit_code == 0, result.output
+    assert "measuring 1 failed cases again" in result.output
+    import json as json_module
+
+    (record,) = [json_module.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    (old,) = [json_module.loads(line) for line in (out / "results.retried.jsonl").read_text().splitlines()]
+    assert record["status"] == "ok" and old["status"] == "oom"
+    assert bench("run", *TINY, "--out", out, "--retry-failed").exit_code == 2  # needs --resume
+
+
+def test_resume_takes_reordered_methods_and_names_the_option_that_differs(tmp_path):
+    out = tmp_path / "o"
+    two = ["-r", "32", "--dim", "16", "--budget", "0.02", "--device", "cpu", "--out", out]
+    assert bench("run", *two, "-m", "full,window:window_size=4").exit_code == 0
+    result = bench("run", *two, "-m", "window:window_size=4,full:impl=sdpa", "--resume")
+    assert result.exit_code == 0 and "2 cases (2 already done)" in result.output, result.output
+    result = bench("run", *two, "-m", "full,window:window_size=4", "--resume", "--heads", "4")
+    assert result.exit_code == 2
+    flat = result.output.replace("\n", " ")
+    assert "heads 2 there, 4 now" in flat and "{" not in flat  # the option, not the whole configuration
+
+
+def test_a_garbage_line_inside_the_results_is_an_error_naming_it(tmp_path):
+    out = tmp_path / "o"
+    assert bench("run", *TINY, "-r", "64", "--out", out).exit_code == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text(lines[0] + "\n{garbage\n" + lines[1] + "\n")
+    result = bench("run", *TINY, "-r", "64", "--out", out, "--resume")
+    assert result.exit_code == 2 and "results.jsonl:2 is not valid JSON" in result.output.replace("\n", "")
+    assert bench("plot", out).exit_code == 2
