@@ -7,6 +7,7 @@ and `bench plot` read results without it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -29,8 +30,9 @@ from .schema import DTYPE_NAMES, key_of
 from .sweep import PRESETS, ResultsStore, build_cases, preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="attnbench: what vision attention costs, and what it attends to.")
-# piped output (a log, CI) gets room for the results table instead of the default 80 columns
-console = Console(width=None if sys.stdout.isatty() else 150)
+# piped output (a log, CI) gets room for the results table instead of the default 80 columns,
+# unless COLUMNS says how wide it is
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 150)
 
 
 def resolve_device(device: str) -> str:
@@ -133,15 +135,26 @@ def parse_size(text: str, device: str) -> int:
     return int(value * _UNITS[unit.lower()])
 
 
+# the columns that fit 80 characters, with short headers; summary.md always has them all
+NARROW = {"mechanism": "mechanism", "GMACs": "GMACs", "latency ms (median ± IQR)": "ms (median±IQR)",
+          "peak MiB": "MiB", "speed-up vs full": "vs full", "status": "status"}
+
+
 def _results_table(records: list[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title)
-    for col in COLUMNS:
+    """Every column on a wide terminal; the six that matter most below 140 characters,
+    mechanism names folded rather than cut."""
+    wide = console.width >= 140
+    keep = [i for i, col in enumerate(COLUMNS) if wide or col in NARROW]
+    table = Table(title=title, caption=None if wide else f"narrow terminal: all columns in summary.md")
+    for i in keep:
+        col = COLUMNS[i]
+        header = col if wide else NARROW[col]
         if col == "mechanism":
-            table.add_column(col, justify="left", no_wrap=True)
+            table.add_column(header, justify="left", overflow="fold", no_wrap=False, ratio=None)
         else:
-            table.add_column(col, justify="left" if col == "status" else "right")
+            table.add_column(header, justify="left" if col == "status" else "right", no_wrap=not wide or None)
     for row in summary_rows(records):
-        table.add_row(*(escape(c) for c in row))
+        table.add_row(*(escape(row[i]) for i in keep))
     return table
 
 

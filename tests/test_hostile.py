@@ -248,3 +248,15 @@ def test_a_garbage_line_inside_the_results_is_an_error_naming_it(tmp_path):
     result = bench("run", *TINY, "-r", "64", "--out", out, "--resume")
     assert result.exit_code == 2 and "results.jsonl:2 is not valid JSON" in result.output.replace("\n", "")
     assert bench("plot", out).exit_code == 2
+
+
+def test_the_results_table_fits_80_columns_when_piped(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    assert bench("run", *TINY, "-m", "bra:n_win=2,topk=2,impl=gather", "--out", out).exit_code == 0
+    for width in ("80", "200"):
+        shown = subprocess.run([sys.executable, "-c", "from attnbench.cli import app; app()", "plot", str(out)],
+                               capture_output=True, text=True, env={**os.environ, "COLUMNS": width}, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        widest = max(len(line) for line in shown.stdout.splitlines())
+        assert widest <= int(width), (width, widest)
+        assert ("speed-up vs baseline impl" in shown.stdout) == (width == "200")  # all columns when there is room
