@@ -457,6 +457,7 @@ def viz_command(
     head: Optional[int] = typer.Option(None, help="draw one head instead of the head average"),
     weights: str = typer.Option("content", help="content: identity q/k/v on image-statistics tokens; random: random weights"),
     checkpoint: Optional[Path] = typer.Option(None, help="trained attention weights (a BiFormer BRA or Swin window-attention state dict)"),
+    partial_checkpoint: bool = typer.Option(False, "--partial-checkpoint", help="load a checkpoint that has only some of a mechanism's tensors (the rest keep --weights)"),
     results: Optional[Path] = typer.Option(None, help="a results folder or file: adds GMACs, latency and memory to the titles"),
     kind: str = typer.Option("maps", help="maps: attention maps on the image; pattern: the pattern sheet"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: results/viz, or the next free results/viz-2, ... so an earlier figure is never replaced)"),
@@ -511,7 +512,9 @@ def viz_command(
         else:
             written = draw_figure(scene, specs, queries, out, dim=dim, heads=heads, head=head, weights=weights,
                                   checkpoint=state, checkpoint_name=str(checkpoint) if checkpoint else None,
-                                  records=records, svg=svg)
+                                  records=records, svg=svg,
+                                  # a mechanism the user named must take the checkpoint whole; a default one may pass
+                                  partial="load" if partial_checkpoint else ("error" if methods else "skip"))
     except ValueError as exc:
         fail(str(exc))
     console.print("wrote " + ", ".join(str(p) for p in written))

@@ -260,3 +260,34 @@ def test_the_results_table_fits_80_columns_when_piped(tmp_path, monkeypatch):
         widest = max(len(line) for line in shown.stdout.splitlines())
         assert widest <= int(width), (width, widest)
         assert ("speed-up vs baseline impl" in shown.stdout) == (width == "200")  # all columns when there is room
+
+
+def swin_checkpoint(path, dim=64, heads=2, drop=()):
+    import torch
+
+    from attnbench import build_attention
+
+    state = build_attention("window:window_size=4", dim, heads).state_dict()
+    torch.save({"model": {f"layers.0.blocks.0.attn.{k}": v for k, v in state.items() if k not in drop}}, path)
+    return path
+
+
+@pytest.mark.parametrize("option,words", [(["--dim", "32"], ["qkv.weight", "(192, 64)", "(96, 32)", "--dim 64 would fit"]),
+                                          (["--heads", "4"], ["relative_position_bias_table", "(49, 2)", "(49, 4)",
+                                                              "--heads 2 would fit"])])
+def test_a_checkpoint_of_other_shapes_names_both_shapes_and_the_option_that_fits(option, words, tmp_path):
+    ckpt = swin_checkpoint(tmp_path / "swin.pth")
+    result = bench("viz", "-m", "window:window_size=4", "--resolution", "128", "--checkpoint", ckpt, *option,
+                   "--out", tmp_path / "v")
+    assert result.exit_code == 2, result.output
+    flat = result.output.replace("\n", "")
+    for w in words:
+        assert w in flat, (w, flat)
+
+
+def test_a_partial_checkpoint_is_an_error_unless_asked(tmp_path):
+    ckpt = swin_checkpoint(tmp_path / "swin.pth", drop=("relative_position_bias_table",))
+    args = ["viz", "-m", "window:window_size=4", "--resolution", "128", "--checkpoint", ckpt]
+    result = bench(*args, "--out", tmp_path / "a")
+    assert result.exit_code == 2 and "4 of the 5 tensors" in result.output and "--partial-checkpoint" in result.output
+    assert bench(*args, "--partial-checkpoint", "--out", tmp_path / "b").exit_code == 0

@@ -71,19 +71,50 @@ def to_tokens(queries: Sequence[tuple[int, int]], image: np.ndarray, stride: int
 
 
 def build_for_viz(spec: str, dim: int, heads: int, weights: str = "content", checkpoint: dict | None = None,
-                  seed: int = 0) -> torch.nn.Module:
+                  seed: int = 0, partial: str = "error") -> torch.nn.Module:
     """A mechanism with content weights (identity projections), random weights, or a
-    checkpoint's weights where its keys fit this mechanism."""
+    checkpoint's weights where its keys are this mechanism's. A checkpoint that has only
+    some of them is, by ``partial``: an ``error``; ``load``ed over the chosen weights; or
+    ``skip``ped (this mechanism is drawn without it). One whose shapes do not fit names the
+    tensor, both shapes and the option that would fit."""
     if weights not in WEIGHTS:
         raise ValueError(f"unknown weights '{weights}'; use one of {', '.join(WEIGHTS)}")
     torch.manual_seed(seed)
     module = build_attention(spec, dim, heads).eval()
-    if checkpoint is not None and set(checkpoint) >= set(module.state_dict()):
-        module.load_state_dict({k: checkpoint[k] for k in module.state_dict()}, strict=True)
-        module.loaded_checkpoint = True
-    elif weights == "content":
+    if weights == "content":
         use_content_weights(module)
+    wanted = module.state_dict()
+    found = {k: checkpoint[k] for k in wanted if k in checkpoint} if checkpoint is not None else {}
+    if not found:
+        return module  # the checkpoint is for another mechanism
+    missing = sorted(set(wanted) - set(found))
+    if missing and partial == "skip":
+        module.checkpoint_note = f"checkpoint not loaded: {len(found)} of {len(wanted)} tensors"
+        return module
+    if missing and partial != "load":
+        raise ValueError(f"the checkpoint has {len(found)} of the {len(wanted)} tensors {spec} needs (missing: "
+                         f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); pass --partial-checkpoint "
+                         "to load those it has and keep the others")
+    for key, tensor in found.items():
+        if tuple(tensor.shape) != tuple(wanted[key].shape):
+            raise ValueError(f"checkpoint tensor '{key}' has shape {tuple(tensor.shape)}, but {spec} with --dim {dim} "
+                             f"--heads {heads} needs {tuple(wanted[key].shape)}{_fitting_option(tensor, wanted[key], dim, heads)}")
+    module.load_state_dict(found, strict=False)
+    module.loaded_checkpoint = True
     return module
+
+
+def _fitting_option(found: torch.Tensor, expected: torch.Tensor, dim: int, heads: int) -> str:
+    """A hint: the --dim or --heads that the checkpoint's shape suggests."""
+    if found.dim() != expected.dim():
+        return ""
+    if expected.shape[-1] == dim and found.shape[-1] != dim:
+        return f"; --dim {found.shape[-1]} would fit"
+    if expected.shape[-1] == heads and found.shape[-1] != heads:
+        return f"; --heads {found.shape[-1]} would fit"
+    if expected.shape[0] == heads and found.shape[0] != heads:
+        return f"; --heads {found.shape[0]} would fit"
+    return ""
 
 
 def load_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
@@ -211,7 +242,7 @@ def draw_figure(scene: Scene, specs: list[str], pixel_queries: list[tuple[int, i
 def make_figure(scene: Scene, specs: list[str], pixel_queries: list[tuple[int, int]], *, dim: int = 64,
                 heads: int = 2, head: int | None = None, weights: str = "content",
                 checkpoint: dict | None = None, checkpoint_name: str | None = None,
-                records: list[dict[str, Any]] | None = None):
+                records: list[dict[str, Any]] | None = None, partial: str = "error"):
     """One column per mechanism, one row per query."""
     token_queries = to_tokens(pixel_queries, scene.image, scene.stride)
     if head is not None and not 0 <= head < heads:
@@ -221,7 +252,7 @@ def make_figure(scene: Scene, specs: list[str], pixel_queries: list[tuple[int, i
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows * H / W + 1.2), squeeze=False,
                              layout="constrained")
     for j, spec in enumerate(specs):
-        module = build_for_viz(spec, dim, heads, weights, checkpoint)
+        module = build_for_viz(spec, dim, heads, weights, checkpoint, partial=partial)
         amap = attention_maps(module, scene, token_queries)
         for i, (py, px) in enumerate(pixel_queries):
             ax = axes[i][j]
@@ -237,6 +268,8 @@ def make_figure(scene: Scene, specs: list[str], pixel_queries: list[tuple[int, i
             title = f"{spec}\n{keys_attended(amap, i, scene.grid)} keys" + _metrics_line(spec, records)
             if getattr(module, "loaded_checkpoint", False):
                 title += " (checkpoint)"
+            elif getattr(module, "checkpoint_note", ""):
+                title += f" ({module.checkpoint_note})"
             ax.set_title(title, fontsize=8)
     for i, (py, px) in enumerate(pixel_queries):
         axes[i][0].set_ylabel(f"query y={py}, x={px}", fontsize=8)
