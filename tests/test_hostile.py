@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from attnbench.cli import app
+from conftest import ROOT
 
 runner = CliRunner()
 
@@ -291,3 +292,23 @@ def test_a_partial_checkpoint_is_an_error_unless_asked(tmp_path):
     result = bench(*args, "--out", tmp_path / "a")
     assert result.exit_code == 2 and "4 of the 5 tensors" in result.output and "--partial-checkpoint" in result.output
     assert bench(*args, "--partial-checkpoint", "--out", tmp_path / "b").exit_code == 0
+
+
+def test_a_case_records_its_real_error(tmp_path):
+    """A plugin that loads in bench but fails in the case's process: the record says why."""
+    plugin = tmp_path / "fails_in_children.py"
+    plugin.write_text(
+        "import os\n"
+        f"if os.getpid() != {os.getpid()}:  # bench runs in this test's process\n"
+        "    raise ImportError('this plugin needs a GPU driver the case process lacks')\n"
+        + (ROOT / "examples" / "my_attention.py").read_text().replace('"pooled"', '"pooled_in_parent_only"')
+        .replace("from __future__ import annotations\n", "")
+    )
+    result = bench("run", "-r", "32", "-m", "pooled_in_parent_only:pool=2", "--dim", "16", "--device", "cpu",
+                   "--plugin", plugin, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    import json as json_module
+
+    (record,) = [json_module.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    assert record["status"] == "error"
+    assert "fails_in_children.py" in record["error"] and "GPU driver the case process lacks" in record["error"]

@@ -94,14 +94,14 @@ def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float
             torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool before the limit
             limit = _vm_size_bytes() + mem_limit
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        result = run_case(case, budget_s=budget_s, gemm_gflops=gemm_gflops)
+        answer = ("ok", run_case(case, budget_s=budget_s, gemm_gflops=gemm_gflops).to_dict())
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
         message = f"{type(exc).__name__}: {exc}".strip()
         oom = isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or any(w in message.lower() for w in _OOM_WORDS)
-        status = "oom" if oom else "error"
         detail = message if oom else message + "\n" + traceback.format_exc(limit=-3)
-        result = _failed(case, status, detail[-2000:])
-    conn.send(result.to_dict())
+        # the parent writes the record: this process may lack what it takes (a plugin that failed here)
+        answer = ("oom" if oom else "error", detail[-2000:])
+    conn.send(answer)
     conn.close()
 
 
@@ -176,7 +176,8 @@ def _run_in_child(case: Case, mem_limit: int, timeout_s: float, budget_s: float,
     try:
         if parent.poll(timeout_s):
             try:
-                return Result(**parent.recv())
+                status, payload = parent.recv()
+                return Result(**payload) if status == "ok" else _failed(case, status, payload)
             except EOFError:
                 pass  # the child died before it could answer
         elif proc.is_alive():
