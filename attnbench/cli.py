@@ -29,7 +29,9 @@ from .report.table import COLUMNS
 from .schema import DTYPE_NAMES, key_of
 from .sweep import PRESETS, ResultsStore, build_cases, preset
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="attnbench: what vision attention costs, and what it attends to.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="attnbench: what vision attention costs, and what it attends to.")
+DEBUG = False  # bench --debug: let unexpected errors show their traceback
 # piped output (a log, CI) gets room for the results table instead of the default 80 columns,
 # unless COLUMNS says how wide it is
 console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 150)
@@ -65,8 +67,23 @@ def load_plugin_options(plugins: list[str] | None) -> list[str]:
 
 
 @app.callback()
-def _root() -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="show the traceback of an unexpected error")) -> None:
     """attnbench: what vision attention costs, and what it attends to."""
+    global DEBUG
+    DEBUG = debug
+
+
+def main() -> None:
+    """The `bench` command: errors a user can cause are one message and exit code 2 (each
+    command says so); anything unexpected is one line and exit code 1, its traceback behind --debug."""
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - the last line of defence, see above
+        if DEBUG or "--debug" in sys.argv[1:2]:
+            raise
+        console.print(f"[bold red]error:[/] {escape(f'{type(exc).__name__}: {exc}')}\n"
+                      "(unexpected: run again as `bench --debug ...` for the traceback, and please report it)")
+        sys.exit(1)
 
 
 @app.command("list")

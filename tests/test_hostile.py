@@ -312,3 +312,20 @@ def test_a_case_records_its_real_error(tmp_path):
     (record,) = [json_module.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
     assert record["status"] == "error"
     assert "fails_in_children.py" in record["error"] and "GPU driver the case process lacks" in record["error"]
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_is_behind_debug(tmp_path):
+    (tmp_path / "results.jsonl").mkdir()  # not a file: nothing bench checks for, so it fails unexpectedly
+    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True,  # noqa: E731
+                                       text=True, timeout=120)
+    plain = run("plot", str(tmp_path))
+    assert plain.returncode == 1 and "Traceback" not in plain.stdout + plain.stderr
+    assert "IsADirectoryError" in plain.stdout and "--debug" in plain.stdout
+    debug = run("--debug", "plot", str(tmp_path))
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_a_results_line_missing_fields_is_named_by_bench_plot(tmp_path):
+    (tmp_path / "results.jsonl").write_text('{"mechanism": "full", "schema": 2}\n')
+    result = bench("plot", tmp_path)
+    assert result.exit_code == 2 and "results.jsonl:1 is not a result record (missing params" in result.output.replace("\n", "")
