@@ -84,7 +84,7 @@ def test_existing_results_are_never_overwritten(tiny_run, tmp_path):
     same = run("run", *TINY, "--out", str(folder))
     assert same.exit_code == 2 and "--resume" in same.output
     other = run("run", *TINY[:-4], "--methods", "axial", "--device", "cpu", "--out", str(folder), "--resume")
-    assert other.exit_code == 2 and "another configuration" in other.output
+    assert other.exit_code == 2 and "other options (methods" in other.output
     assert (folder / "results.jsonl").read_text() == before
     forced = run("run", "--resolution", "32", "--dim", "16", "--budget", "0.02", "--methods", "axial",
                  "--device", "cpu", "--out", str(folder), "--force")
