@@ -38,12 +38,15 @@ console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS")
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> cuda when present, else cpu; anything else as given (checked later)."""
-    if device != "auto":
-        return device
+    """'auto' -> cuda when present, else cpu; 'cuda' -> 'cuda:<current>', so that every CUDA
+    call and every record names its GPU; anything else as given (checked later)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
 
 
 def fail(message: str) -> None:
@@ -553,7 +556,7 @@ def profile_command(
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """Time the stages of one mechanism (for BRA: projections, routing, gather, token attention, lepe, output)."""
-    from .measure import check_case
+    from .measure import check_case, check_device
     from .measure.case import Case, build_case, estimate_peak_bytes, make_step
     from .measure.isolate import default_mem_limit_bytes
     from .measure.profile import profile_stages
@@ -575,7 +578,7 @@ def profile_command(
         fail(str(exc))
     step = make_step(*build_case(case), mode)
     step()
-    stages, total = profile_stages(step, runs)
+    stages, total = profile_stages(step, runs, check_device(case.device, case.dtype))
     table = Table(title=f"{spec} on {case.height}x{case.width} tokens ({device}, {dtype}, {mode}): {total:.1f} ms per call",
                   caption="other: time outside every stage (glue; the whole backward pass in fwdbwd)")
     for col in ("stage", "ms per call", "share"):

@@ -10,6 +10,8 @@ import torch
 
 from ..attention import Shape, attention_info, build_attention, canonical, format_spec
 from ..schema import DTYPE_NAMES, MODES, SCHEMA_VERSION, Case, Result, key_of
+from . import device as devices  # tensor_device looked up on the module: tests stand in for it
+from .device import resolve, supports_dtype, synchronize
 from .flops import MacCount, count_macs
 from .memory import peak_memory_bytes
 from .timing import time_call
@@ -21,7 +23,7 @@ MODE_MAC_FACTOR = {"fwd": 1, "fwdbwd": 3}
 
 
 def check_device(device: str, dtype: str) -> torch.device:
-    """The torch device for ``device``, or a ValueError saying what is allowed."""
+    """The torch device for ``device`` (CUDA with its index), or a ValueError saying what is allowed."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -33,10 +35,15 @@ def check_device(device: str, dtype: str) -> torch.device:
             raise ValueError("device 'cuda' asked for, but this machine has no CUDA device (torch.cuda.is_available() is False)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+        dev = resolve(dev)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
     if dtype not in DEVICE_DTYPES[dev.type]:
         raise ValueError(f"dtype {dtype} is not supported on {dev.type}; use one of {', '.join(DEVICE_DTYPES[dev.type])}")
+    if not supports_dtype(dev, DTYPES[dtype]):
+        raise ValueError(f"dtype {dtype} is not supported by {dev} ({torch.cuda.get_device_name(dev.index)}: "
+                         f"compute capability {'.'.join(map(str, torch.cuda.get_device_capability(dev.index)))}, "
+                         "bfloat16 needs 8.0); use float32 or float16")
     return dev
 
 
@@ -137,18 +144,24 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[
     grad = torch.randn_like(x)  # every mechanism maps (B, H, W, C) to the same shape
     params = [p for p in module.parameters() if p.requires_grad]
 
-    def forward_backward() -> None:
+    def clear() -> None:
         x.grad = None
         for p in params:
             p.grad = None
+
+    def forward_backward() -> None:
+        clear()
         module(x).backward(grad)
 
+    # the memory measurement clears the last call's gradients before it reads its baseline, so
+    # that they count as what the call holds (they are freed and made again inside it)
+    forward_backward.clear = clear
     return forward_backward
 
 
 def build_case(case: Case) -> tuple[torch.nn.Module, torch.Tensor]:
     """The case's module (seeded weights) and input, on its device and in its dtype."""
-    device, dtype = torch.device(case.device), DTYPES[case.dtype]
+    device, dtype = devices.tensor_device(resolve(case.device)), DTYPES[case.dtype]
     torch.manual_seed(0)
     module = build_attention(case.spec, case.dim, case.heads).to(device=device, dtype=dtype)
     x = torch.randn(case.batch, case.height, case.width, case.dim, device=device, dtype=dtype)
@@ -158,8 +171,7 @@ def build_case(case: Case) -> tuple[torch.nn.Module, torch.Tensor]:
 def _call_seconds(fn: Callable[[], Any], device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -179,7 +191,7 @@ def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None
     compile_s = None
     if case.compile:
         compile_s, first_s = first_s, _call_seconds(step, device)
-    peak = peak_memory_bytes(step, device)
+    peak = peak_memory_bytes(step, device, before=getattr(step, "clear", None))
     timing = time_call(step, device, budget_s=budget_s, per_call_s=first_s)
     gflops = 2 * MODE_MAC_FACTOR[case.mode] * macs.total / (timing.median_ms * 1e-3) / 1e9
     return result_for(

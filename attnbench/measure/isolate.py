@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import resource
 import select
 import signal
 import threading
@@ -26,36 +25,21 @@ import torch
 
 from ..attention import load_plugins
 from .case import Case, Result, closed_form_of, estimate_peak_bytes, result_for, run_case
+from .device import bound_memory, free_memory_bytes, is_oom, resolve, use
 from .preload import PLUGINS_ENV
 
 # a refusal without running needs the estimate to exceed the bound by this factor
 REFUSE_FACTOR = 2.0
-_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 
 
 def available_memory_bytes(device: str = "cpu") -> int:
     """Memory free for a case now: MemAvailable on the CPU, free GPU memory on CUDA."""
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return free
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+    return free_memory_bytes(resolve(device))
 
 
 def default_mem_limit_bytes(device: str = "cpu", fraction: float = 0.7) -> int:
     """A safe bound: a fraction of the memory that is free now."""
     return int(available_memory_bytes(device) * fraction)
-
-
-def _vm_size_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _die_with(pid: int) -> None:
@@ -86,18 +70,13 @@ def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float
     _die_with(parent_pid)
     try:
         load_plugins(plugins)  # already loaded when the forkserver preloaded them
-        device = torch.device(case.device)
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, mem_limit / total), device)
-        else:
-            torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool before the limit
-            limit = _vm_size_bytes() + mem_limit
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        device = resolve(case.device)
+        use(device)  # events, streams and scratch on the case's own GPU, not GPU 0
+        bound_memory(device, mem_limit)
         answer = ("ok", run_case(case, budget_s=budget_s, gemm_gflops=gemm_gflops).to_dict())
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
         message = f"{type(exc).__name__}: {exc}".strip()
-        oom = isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or any(w in message.lower() for w in _OOM_WORDS)
+        oom = is_oom(exc)
         detail = message if oom else message + "\n" + traceback.format_exc(limit=-3)
         # the parent writes the record: this process may lack what it takes (a plugin that failed here)
         answer = ("oom" if oom else "error", detail[-2000:])

@@ -17,6 +17,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .device import peak_bytes
+
 
 class TensorMemoryTracker(TorchDispatchMode):
     """Tracks the bytes of the storages created while it is active; ``peak`` is the most
@@ -56,16 +58,14 @@ class TensorMemoryTracker(TorchDispatchMode):
         return out
 
 
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    """Peak bytes held by tensors during ``fn()`` beyond those alive before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        del result
-        return torch.cuda.max_memory_allocated(device) - base
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device, before: Callable[[], None] | None = None) -> int:
+    """Peak bytes held by tensors during ``fn()`` beyond those alive before it; ``before`` runs
+    first (freeing what a previous call left, such as its gradients)."""
+    if before is not None:
+        before()
+    measured = peak_bytes(fn, device)
+    if measured is not None:
+        return measured
     with TensorMemoryTracker() as tracker:
         result = fn()
         del result

@@ -2,9 +2,9 @@
 
 Mechanisms name their stages with ``attnbench.attention.base.stage`` (a
 ``torch.profiler.record_function`` label); this runs a case under the profiler and sums
-the host time spent inside each stage. Time outside every stage (the backward pass in ``fwdbwd``, glue
-between stages) is reported as ``other``. On CUDA the stage times are host times unless
-CUDA_LAUNCH_BLOCKING=1.
+the time spent inside each stage: host time on the CPU; on CUDA the time of the kernels the
+stage launched (the profiler's CUDA activity), since the host only queues them. Time outside
+every stage (the backward pass in ``fwdbwd``, glue between stages) is reported as ``other``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..attention.base import STAGES
+from .device import synchronize
 
 
 @dataclass
@@ -26,15 +27,26 @@ class StageTime:
     share: float  # of the whole call
 
 
-def profile_stages(step: Callable[[], Any], runs: int = 3) -> tuple[list[StageTime], float]:
+def _device_time_us(event) -> float:
+    """The kernel time under a profiler range (the attribute's name changed across torch versions)."""
+    for attr in ("device_time_total", "cuda_time_total"):
+        if hasattr(event, attr):
+            return float(getattr(event, attr))
+    return 0.0
+
+
+def profile_stages(step: Callable[[], Any], runs: int = 3,
+                   device: torch.device = torch.device("cpu")) -> tuple[list[StageTime], float]:
     """Stage times of ``step`` (already warmed up), averaged over ``runs`` calls, and the
     wall time of one call in ms."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(runs):
             step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize(device)
         total_ms = (time.perf_counter() - start) * 1e3 / runs
     stages: dict[str, float] = {}
     order: list[str] = []
@@ -47,7 +59,7 @@ def profile_stages(step: Callable[[], Any], runs: int = 3) -> tuple[list[StageTi
         if event.name not in stages:
             order.append(event.name)
             stages[event.name] = 0.0
-        stages[event.name] += event.cpu_time_total / 1e3 / runs
+        stages[event.name] += (_device_time_us(event) if cuda else event.cpu_time_total) / 1e3 / runs
     out = [StageTime(name, stages[name], stages[name] / total_ms) for name in order]
     rest = total_ms - sum(s.ms for s in out)
     out.append(StageTime("other", max(rest, 0.0), max(rest, 0.0) / total_ms))

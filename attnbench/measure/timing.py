@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from .device import elapsed_ms, synchronize
+
 
 @dataclass
 class Timing:
@@ -45,9 +47,6 @@ def time_call(
 ) -> Timing:
     """``per_call_s``: the duration of a call the caller has already made (and so warmed
     up with); it replaces the warm-up runs when the call takes longer than ``warmup_s``."""
-    cuda = device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-
     if per_call_s is not None and per_call_s >= warmup_s:
         per_call = per_call_s  # a slow call the caller has run already: no further warm-up
     else:
@@ -56,7 +55,7 @@ def time_call(
         calls = 0
         while calls < max(warmup_runs, 1) or time.perf_counter() - start < warmup_s:
             fn()
-            sync()
+            synchronize(device)
             calls += 1
         per_call = (time.perf_counter() - start) / calls
     number = 1 if per_call >= 1e-3 else max(1, int(1e-3 / max(per_call, 1e-7)))
@@ -64,18 +63,6 @@ def time_call(
     samples: list[float] = []
     spent = time.perf_counter()
     while len(samples) < min_runs or (len(samples) < max_runs and time.perf_counter() - spent < budget_s):
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(number):
-                fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            samples.append(begin.elapsed_time(end) / number)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            samples.append((time.perf_counter() - t0) * 1e3 / number)
+        samples.append(elapsed_ms(fn, device, number))
     q1, median, q3 = _quartiles(samples)
     return Timing(median, q3 - q1, len(samples), number, samples)

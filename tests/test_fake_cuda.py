@@ -1,0 +1,103 @@
+"""The CUDA branches, run on the CPU through a fake (tests/fake_cuda.py): right calls, right
+devices, right bookkeeping. Real kernels and numbers need a GPU (benchmarks/gpu_bra.sh)."""
+
+import pytest
+import torch
+
+from attnbench.measure import Case, check_device, gemm_gflops, run_case
+from attnbench.measure import device as dev
+from attnbench.measure.case import build_case, make_step
+from attnbench.measure.isolate import available_memory_bytes, default_mem_limit_bytes
+from attnbench.measure.memory import TensorMemoryTracker, peak_memory_bytes
+
+from fake_cuda import install
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    fake = install(monkeypatch)
+    try:
+        yield fake
+    finally:
+        fake.tracker.__exit__(None, None, None)
+
+
+def test_a_bare_cuda_device_gets_the_current_index(fake):
+    fake.current = 1
+    assert dev.resolve("cuda") == torch.device("cuda", 1)
+    assert dev.resolve("cuda:0") == torch.device("cuda", 0)
+    assert check_device("cuda", "float32") == torch.device("cuda", 1)
+
+
+def test_the_memory_bound_names_its_gpu(fake):
+    """torch refuses set_per_process_memory_fraction(f, torch.device('cuda')): every CUDA case
+    used to end as 'error' on its first call."""
+    dev.bound_memory(dev.resolve("cuda"), 8 * 2**30)
+    assert fake.fraction == {0: pytest.approx(0.1)}
+    with pytest.raises(ValueError, match="specified index"):  # the fake enforces torch's rule
+        torch.cuda.set_per_process_memory_fraction(0.5, torch.device("cuda"))
+
+
+def test_free_memory_is_read_with_an_index(fake):
+    """mem_get_info(torch.device('cuda')) raises on torch 2.3 and 2.4."""
+    assert available_memory_bytes("cuda") == fake.free_memory
+    assert default_mem_limit_bytes("cuda:1") == int(fake.free_memory * 0.7)
+    assert ("mem_get_info", 0) in fake.calls and ("mem_get_info", 1) in fake.calls
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_a_case_on_the_second_gpu_times_and_counts_there(fake, mode):
+    """cuda:1: events on cuda:1's stream (they used to go to the current device, GPU 0, so
+    the latencies came out near zero), statistics and synchronisation on device 1."""
+    case = Case("window:window_size=4", 64, dim=32, device="cuda:1", mode=mode)
+    assert fake.current == 0  # the current device is another one: nothing may rely on it
+    r = run_case(case, budget_s=0.02)
+    assert r.status == "ok" and r.device == "cuda:1" and r.latency_ms == 1.0
+    devices = {call[1] for call in fake.calls if call[0] in ("event", "synchronize", "reset_peak_memory_stats")}
+    assert devices == {1}
+    dev.use(dev.resolve(case.device))  # what each case's process does first
+    assert fake.calls[-1] == ("set_device", 1) and fake.current == 1
+
+
+def test_cuda_peak_equals_the_cpu_trackers_in_fwdbwd(fake):
+    """One definition of peak memory: the CUDA statistics and the CPU tracker agree. In fwdbwd
+    the last call's gradients used to be alive at the baseline and freed inside the call, so
+    the CUDA figure came out lower by the input and the parameters."""
+    case = Case("window:window_size=4", 64, dim=32, device="cuda:0", mode="fwdbwd")
+    module, x = build_case(case)
+    step = make_step(module, x, "fwdbwd")
+    step()
+    on_cuda = peak_memory_bytes(step, torch.device("cuda", 0), before=step.clear)
+    step()
+    fake.tracker.__exit__(None, None, None)  # measure the same call with the CPU tracker alone
+    with TensorMemoryTracker() as cpu:
+        step.clear()
+    on_cpu = peak_memory_bytes(step, torch.device("cpu"), before=step.clear)
+    fake.tracker.__enter__()
+    assert cpu.peak == 0
+    assert on_cuda == pytest.approx(on_cpu, rel=0.05)
+
+
+def test_bfloat16_is_refused_on_a_gpu_without_it(monkeypatch):
+    fake = install(monkeypatch, capability=(7, 0))
+    try:
+        with pytest.raises(ValueError, match="bfloat16 needs 8.0"):
+            check_device("cuda", "bfloat16")
+        assert check_device("cuda", "float16") == torch.device("cuda", 0)
+    finally:
+        fake.tracker.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("message", ["CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                                     "cuDNN error: CUDNN_STATUS_ALLOC_FAILED", "CUDA out of memory. Tried to allocate"])
+def test_library_allocation_failures_are_oom(message):
+    assert dev.is_oom(RuntimeError(message))
+    assert not dev.is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+
+def test_the_calibration_gives_its_memory_back(fake):
+    """The parent used to keep the 8192^2 calibration tensors cached through the sweep."""
+    rate = gemm_gflops("cuda", n=64, budget_s=0.01)
+    assert rate > 0
+    assert ("empty_cache", 0) in fake.calls
+    assert any(c[0] == "event" and c[1] == 0 for c in fake.calls)
