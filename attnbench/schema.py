@@ -61,6 +61,7 @@ class Result:
     device: str
     compile: bool = False
     macs: int | None = None  # forward MACs (1 multiply-add = 1)
+    macs_method: str = ""  # how they were counted: fvcore on the meta device or a forward, or the closed form
     uncounted_ops: str = ""
     latency_ms: float | None = None  # median
     latency_iqr_ms: float | None = None

@@ -101,3 +101,41 @@ def test_the_calibration_gives_its_memory_back(fake):
     assert rate > 0
     assert ("empty_cache", 0) in fake.calls
     assert any(c[0] == "event" and c[1] == 0 for c in fake.calls)
+
+
+@pytest.mark.parametrize("spec", ["bra:n_win=8,topk=4,impl=gather", "deformable"])
+def test_a_gpu_case_never_counts_with_a_full_size_forward_on_the_host(fake, spec, monkeypatch):
+    """bra and deformable do not trace on the meta device; for a GPU case their MACs come from
+    the closed form (equal to fvcore's count), with the method recorded."""
+    import attnbench.measure.case as case_module
+    from attnbench.measure import closed_form_macs
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a real forward was traced to count MACs")
+
+    real_count = case_module.count_macs
+
+    def count_only_on_meta(module, x):
+        if x.device.type != "meta":
+            forbidden()
+        return real_count(module, x)
+
+    monkeypatch.setattr(case_module, "count_macs", count_only_on_meta)
+    macs, method = case_module.macs_of(Case(spec, 256, dim=32, device="cuda:0"))
+    assert method == "closed form" and macs.total == closed_form_macs(spec, 1, 64, 64, 32, 2)
+    cpu_macs, cpu_method = case_module.macs_of(Case("window:window_size=8", 256, dim=32, device="cuda:0"))
+    assert cpu_method == "fvcore, meta device" and cpu_macs.total == closed_form_macs("window:window_size=8", 1, 64, 64, 32, 2)
+
+
+def test_a_run_records_the_tf32_and_sdpa_settings(fake, monkeypatch):
+    from attnbench.measure import environment
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        env = environment("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert env["device"] == "cuda" and env["device_name"] == "Fake GPU 0"
+    assert env["tf32_matmul"] is True and isinstance(env["tf32_cudnn"], bool)
+    assert {"flash", "mem_efficient", "math"} <= set(env["sdpa_backends_enabled"])

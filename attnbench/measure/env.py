@@ -53,6 +53,24 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "git_commit": git_commit(),
         "platform": platform.platform(),
+        **numerics(),
+    }
+
+
+def numerics() -> dict[str, Any]:
+    """The settings that decide which kernels run: on Ampere and later, fp32 matmuls and SDPA
+    may use TF32 tensor cores while the calibration GEMM follows allow_tf32, so a GPU's
+    gemm_fraction is read with these."""
+    sdpa = {}
+    for backend in ("flash", "mem_efficient", "math", "cudnn"):
+        enabled = getattr(torch.backends.cuda, f"{backend}_sdp_enabled", None)
+        if enabled is not None:
+            sdpa[backend] = bool(enabled())
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "sdpa_backends_enabled": sdpa,
     }
 
 

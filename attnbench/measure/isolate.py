@@ -88,7 +88,8 @@ def _failed(case: Case, status: str, error: str) -> Result:
     """A result without measurements; MACs from the mechanism's closed form where it declares
     one. Nothing that scales with the tokens runs here (no trace, no layout): this is also
     the path of a case refused as far too big for the machine."""
-    return result_for(case, status=status, error=error, macs=closed_form_of(case))
+    macs = closed_form_of(case)
+    return result_for(case, status=status, error=error, macs=macs, macs_method="closed form" if macs is not None else "")
 
 
 _CONTEXT: Any = None
