@@ -586,3 +586,93 @@ def profile_command(
     for st in stages:
         table.add_row(escape(st.name), f"{st.ms:.2f}", f"{st.share:.1%}")
     console.print(table)
+
+
+GPU_CHECK_METHODS = ["full", "bra:n_win=8,topk=4", "bra:n_win=8,topk=4,impl=gather", "bra:n_win=8,topk=16",
+                     "bra:n_win=8,topk=16,impl=gather"]
+
+
+def _invoke(command, **given: Any) -> None:
+    """Call a command function with its own defaults for what ``given`` leaves out."""
+    import inspect
+
+    params = {}
+    for name, p in inspect.signature(command).parameters.items():
+        default = p.default.default if isinstance(p.default, typer.models.ParameterInfo) else p.default
+        params[name] = given.get(name, default)
+    command(**params)
+
+
+@app.command("gpu-check")
+def gpu_check_command(
+    out: Path = typer.Option(..., help="a new folder for the check's runs and checks.md (an existing one is refused)"),
+    device: str = typer.Option("cuda", help="cuda, cuda:N (or cpu, for a dry run of the same steps)"),
+    resolution: list[int] = typer.Option(None, "--resolution", "-r", help="image sides (default 1024 and 2048)"),
+    budget: float = typer.Option(1.0, help="seconds of timed runs per case"),
+    timeout: float = typer.Option(300.0, help="seconds a case may take"),
+) -> None:
+    """The checks that need a real GPU, in one command: fast BRA against the official gather
+    (topk 4 and 16, fwd and fwdbwd, float32 and bfloat16) with fused full attention as the
+    reference, the CUDA peak against the tensor tracker for the same case (within 5%), and
+    the crossover resolutions. Exits 1 when a case errors or a check fails."""
+    from .measure import check_device
+    from .measure.case import Case, build_case, make_step
+    from .measure.memory import peak_agreement
+    from .report.plots import crossovers
+    from .report.table import frame, number
+
+    if out.exists():
+        fail(f"{out} exists; gpu-check writes a new folder, so that nothing of an earlier check is mixed in")
+    resolutions = sorted(resolution or [1024, 2048])
+    device = resolve_device(device)
+    lines, failed = [f"# gpu-check on {device}", ""], []
+    for dtype in ("float32", "bfloat16"):
+        try:
+            check_device(device, dtype)
+        except ValueError as exc:
+            lines.append(f"- {dtype}: skipped ({exc})")
+            continue
+        for mode in ("fwd", "fwdbwd"):
+            sub = out / f"{dtype}-{mode}"
+            _invoke(run_command, resolution=resolutions, dtype=dtype, mode=mode, device=device,
+                    methods=GPU_CHECK_METHODS, budget=budget, timeout=timeout, out=sub)
+            records = ResultsStore(sub).records()
+            failed += [f"{dtype} {mode} {r['label']} @ {r['resolution']}px: {r['error'].splitlines()[0]}"
+                       for r in records if r["status"] == "error"]
+            by = {(r["label"], r["resolution"]): r for r in records}
+            lines.append(f"## {dtype}, {mode}")
+            for res in resolutions:
+                for topk in (4, 16):
+                    fast, gather = by.get((f"bra:n_win=8,topk={topk}", res)), by.get((f"bra:n_win=8,topk={topk},impl=gather", res))
+                    if fast and gather and fast["status"] == gather["status"] == "ok":
+                        lines.append(f"- {res} px topk {topk}: fast {number(fast['latency_ms']):.2f} ms / "
+                                     f"{number(fast['peak_mem_mb']):.0f} MiB, gather {number(gather['latency_ms']):.2f} ms / "
+                                     f"{number(gather['peak_mem_mb']):.0f} MiB: {gather['latency_ms'] / fast['latency_ms']:.2f}x "
+                                     f"faster, {gather['peak_mem_mb'] / max(fast['peak_mem_mb'], 1e-9):.1f}x less memory")
+                    else:
+                        lines.append(f"- {res} px topk {topk}: fast {fast and fast['status']}, gather {gather and gather['status']}")
+            cross = crossovers(frame(records))
+            lines.append("- first resolution faster than fused full attention: "
+                         + (", ".join(f"{k} {v} px" for k, v in cross.items()) or "none among these"))
+            lines.append("")
+    lines.append("## peak memory: CUDA statistics against the tensor tracker, the same case")
+    for mode in ("fwd", "fwdbwd"):
+        case = Case("bra:n_win=8,topk=4", resolutions[0], device=device, mode=mode)
+        module, x = build_case(case)
+        step = make_step(module, x, mode)
+        step()
+        on_device, tracked = peak_agreement(step, check_device(device, case.dtype), getattr(step, "clear", None))
+        if on_device is None:
+            lines.append(f"- {mode}: tracker {tracked / 2**20:.1f} MiB (a CPU run has no device statistics to check)")
+            continue
+        gap = abs(on_device - tracked) / max(on_device, 1)
+        lines.append(f"- {mode}: CUDA {on_device / 2**20:.1f} MiB, tracker {tracked / 2**20:.1f} MiB, "
+                     f"{gap:.1%} apart ({'ok' if gap <= 0.05 else 'FAIL: over 5%'})")
+        if gap > 0.05:
+            failed.append(f"peak {mode}: CUDA and tracker {gap:.1%} apart")
+        del module, x, step
+    lines += ["", "failed: " + ("; ".join(failed) if failed else "nothing")]
+    (out / "checks.md").write_text("\n".join(lines) + "\n")
+    console.print("\n".join(lines))
+    if failed:
+        raise typer.Exit(1)

@@ -1,5 +1,5 @@
 """The CUDA branches, run on the CPU through a fake (tests/fake_cuda.py): right calls, right
-devices, right bookkeeping. Real kernels and numbers need a GPU (benchmarks/gpu_bra.sh)."""
+devices, right bookkeeping. Real kernels and numbers need a GPU (bench gpu-check)."""
 
 import pytest
 import torch
@@ -139,3 +139,15 @@ def test_a_run_records_the_tf32_and_sdpa_settings(fake, monkeypatch):
     assert env["device"] == "cuda" and env["device_name"] == "Fake GPU 0"
     assert env["tf32_matmul"] is True and isinstance(env["tf32_cudnn"], bool)
     assert {"flash", "mem_efficient", "math"} <= set(env["sdpa_backends_enabled"])
+
+
+def test_peak_agreement_compares_the_device_statistics_with_the_tracker(fake):
+    from attnbench.measure.memory import peak_agreement
+
+    case = Case("bra:n_win=4,topk=2", 64, dim=32, device="cuda:0", mode="fwdbwd")
+    module, x = build_case(case)
+    step = make_step(module, x, "fwdbwd")
+    step()
+    on_device, tracked = peak_agreement(step, torch.device("cuda", 0), step.clear)
+    assert on_device == pytest.approx(tracked, rel=0.05) and tracked > 0
+    assert peak_agreement(step, torch.device("cpu"), step.clear)[0] is None

@@ -329,3 +329,18 @@ def test_a_results_line_missing_fields_is_named_by_bench_plot(tmp_path):
     (tmp_path / "results.jsonl").write_text('{"mechanism": "full", "schema": 2}\n')
     result = bench("plot", tmp_path)
     assert result.exit_code == 2 and "results.jsonl:1 is not a result record (missing params" in result.output.replace("\n", "")
+
+
+def test_gpu_check_dry_run_on_the_cpu_and_it_never_reuses_a_folder(tmp_path):
+    """The GPU check's steps, on the CPU at 64 px: every run, the ratios, the crossovers, the
+    peak lines; a second call into the same folder is refused."""
+    out = tmp_path / "check"
+    result = bench("gpu-check", "--device", "cpu", "-r", "64", "--budget", "0.02", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["bfloat16-fwd", "bfloat16-fwdbwd", "checks.md", "float32-fwd",
+                                                     "float32-fwdbwd"]
+    checks = (out / "checks.md").read_text()
+    assert checks.count("topk 4: fast") == 4 and checks.count("topk 16: fast") == 4
+    assert "faster than fused full attention" in checks and "failed: nothing" in checks
+    again = bench("gpu-check", "--device", "cpu", "-r", "64", "--out", out)
+    assert again.exit_code == 2 and "exists" in again.output

@@ -70,3 +70,16 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device, before: Calla
         result = fn()
         del result
     return tracker.peak
+
+
+def peak_agreement(fn: Callable[[], Any], device: torch.device, before: Callable[[], None] | None = None
+                   ) -> tuple[int | None, int]:
+    """The peak of ``fn()`` by the device's own statistics (None on the CPU, which has none)
+    and by the tensor tracker, each on its own call: on a GPU the two definitions must agree."""
+    on_device = peak_memory_bytes(fn, device, before) if device.type != "cpu" else None
+    if before is not None:
+        before()
+    with TensorMemoryTracker() as tracker:
+        result = fn()
+        del result
+    return on_device, tracker.peak
