@@ -165,7 +165,7 @@ def _results_table(records: list[dict[str, Any]], title: str) -> Table:
     mechanism names folded rather than cut."""
     wide = console.width >= 140
     keep = [i for i, col in enumerate(COLUMNS) if wide or col in NARROW]
-    table = Table(title=title, caption=None if wide else f"narrow terminal: all columns in summary.md")
+    table = Table(title=title, caption=None if wide else "narrow terminal: all columns in summary.md")
     for i in keep:
         col = COLUMNS[i]
         header = col if wide else NARROW[col]

@@ -103,6 +103,11 @@ def label_of(record: dict[str, Any]) -> str:
     return str(record["label"])
 
 
+def params_of(text: str) -> dict[str, str]:
+    """A record's ``params`` ("n_win=8,topk=4,...") as a dict of the written values."""
+    return dict(kv.split("=", 1) for kv in text.split(",") if kv)
+
+
 def check_record(record: Any, where: str, needed: tuple[str, ...] = ()) -> dict[str, Any]:
     """``record`` if it is a result record of this schema with the ``needed`` fields too;
     else a ValueError naming ``where``."""

@@ -187,10 +187,7 @@ class ResultsStore:
         if kept.exists():
             raise ValueError(f"{kept} exists already; move it away to migrate {self.jsonl} again")
         shutil.copy2(self.jsonl, kept)
-        tmp = self.jsonl.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(convert(r)) + "\n" for r in old))
-        tmp.replace(self.jsonl)
-        self.write_csv()
+        self._replace_records([convert(r) for r in old])
         return kept
 
     def done(self) -> set[tuple]:
@@ -212,11 +209,15 @@ class ResultsStore:
         if failed:
             with self.retried_path.open("a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in failed))
-            tmp = self.jsonl.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r["status"] == "ok"))
-            tmp.replace(self.jsonl)
-            self.write_csv()
+            self._replace_records([r for r in records if r["status"] == "ok"])
         return failed
+
+    def _replace_records(self, records: list[dict[str, Any]]) -> None:
+        """Rewrite results.jsonl (and the csv) with ``records``, atomically: an interrupt leaves the old file."""
+        tmp = self.jsonl.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(self.jsonl)
+        self.write_csv()
 
     def own_files(self) -> list[Path]:
         """The files in the folder that bench writes (results, configuration, reports, plots)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnbench import build_attention, format_spec, list_attentions, parse_spec
+from attnbench import build_attention, format_spec, parse_spec
 
 ATOL = 1e-5  # fp32, max abs difference
 DIM, HEADS = 32, 2

@@ -78,11 +78,14 @@ def gemm_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int 
     """Dense square GEMM rate in GFLOP/s (2 n^3 flops per call), median of timed runs."""
     dev = resolve(device)
     n = n or (8192 if dev.type == "cuda" else 2048)
+    median_ms = _time_gemm(dev, n, dtype, budget_s)  # its tensors are gone when it returns
+    release_cache(dev)  # 768 MiB at n = 8192 in fp32: not to be held, or cached, through the sweep
+    return 2 * n**3 / (median_ms * 1e-3) / 1e9
+
+
+def _time_gemm(dev: torch.device, n: int, dtype: torch.dtype, budget_s: float) -> float:
     place = devices.tensor_device(dev)
     a = torch.randn(n, n, device=place, dtype=dtype)
     b = torch.randn(n, n, device=place, dtype=dtype)
     out = torch.empty(n, n, device=place, dtype=dtype)
-    timing = time_call(lambda: torch.mm(a, b, out=out), dev, budget_s=budget_s)
-    del a, b, out  # 768 MiB at n = 8192 in fp32: not to be held, or cached, through the sweep
-    release_cache(dev)
-    return 2 * n**3 / (timing.median_ms * 1e-3) / 1e9
+    return time_call(lambda: torch.mm(a, b, out=out), dev, budget_s=budget_s).median_ms

@@ -21,8 +21,6 @@ import time
 import traceback
 from typing import Any
 
-import torch
-
 from ..attention import load_plugins
 from .case import Case, Result, closed_form_of, estimate_peak_bytes, result_for, run_case
 from .device import bound_memory, free_memory_bytes, is_oom, resolve, use

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..schema import params_of  # noqa: E402
 from .table import frame, references, shape_of  # noqa: E402
 
 METRICS = [("latency_ms", "latency (ms)"), ("peak_mem_mb", "peak memory (MiB)"), ("gmacs", "GMACs")]
@@ -117,10 +118,6 @@ def plot_frontier(df: pd.DataFrame, out: Path) -> list[Path]:
     return save_figure(fig, out, "frontier")
 
 
-def _params(text: str) -> dict[str, str]:
-    return dict(kv.split("=", 1) for kv in text.split(",") if kv)
-
-
 def _numeric(values: list[str]) -> bool:
     try:
         [float(v) for v in values]
@@ -141,7 +138,7 @@ def plot_param_sweeps(df: pd.DataFrame, out: Path) -> list[Path]:
     at = ok[ok["resolution"] == res]
     written = []
     for mechanism, rows in at.groupby("mechanism", sort=False):
-        params = pd.DataFrame([_params(p) for p in rows["params"]], index=rows.index)
+        params = pd.DataFrame([params_of(p) for p in rows["params"]], index=rows.index)
         varying = [c for c in params.columns if params[c].nunique() > 1]
         axes = [c for c in varying if _numeric(list(params[c]))]
         groups = [c for c in varying if c not in axes]

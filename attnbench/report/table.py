@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..schema import RESULT_KEY, SHAPE, shape_of
+from ..schema import RESULT_KEY, SHAPE, params_of, shape_of
 
 COLUMNS = [
     "mechanism",
@@ -92,8 +92,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
             speed = f"{ref['latency_ms'] / lat:.3g}x"
             saving = f"{ref['peak_mem_mb'] / mem:.2g}x" if mem > 0 else "-"
         if ok and base is not None and lat:
-            changed = dict(kv.split("=", 1) for kv in base["params"].split(",")).items() - dict(
-                kv.split("=", 1) for kv in r["params"].split(",")).items()
+            changed = params_of(base["params"]).items() - params_of(r["params"]).items()
             vs_base = f"{base['latency_ms'] / lat:.3g}x ({','.join(f'{k}={v}' for k, v in sorted(changed))})"
         rows.append(
             [
