@@ -59,6 +59,12 @@ class PooledAttention(AttentionBase):
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
 
+    def token_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Optional, for `bench fidelity`: q, k, v of every token (no pooling), q scaled."""
+        t = x[:1].flatten(1, 2)
+        k, v = self.kv(t).chunk(2, dim=-1)
+        return self.heads(self.q(t))[0] * self.scale, self.heads(k)[0], self.heads(v)[0]
+
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
         queries = self.check_queries(x, queries)

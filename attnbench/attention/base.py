@@ -132,6 +132,13 @@ class AttentionBase(nn.Module):
         """The weights that queries of ``x[0]`` at grid positions ``queries`` give to every key."""
         raise NotImplementedError
 
+    def token_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The query, key and value of every token of ``x[0]`` under this module's own
+        projections, as full attention would use them: ``(heads, H*W, d)`` each, row-major,
+        q already scaled so that ``q . k`` is the logit before any bias or mask. ``bench
+        fidelity`` builds full attention from these, to see what the pattern keeps of it."""
+        raise NotImplementedError(f"{self.mechanism} attention does not define token_qkv")
+
     @staticmethod
     def query_ids(queries: Sequence[tuple[int, int]], width: int, device: torch.device | None = None) -> Tensor:
         """Flat token ids (y * width + x) of query positions, for indexing (N, ...) tensors."""

@@ -230,6 +230,11 @@ class BiLevelRoutingAttention(AttentionBase):
             out = out.view(B, S, S, m, H // S, W // S, -1).permute(0, 1, 4, 2, 5, 3, 6)
             return out.reshape(B, H, W, self.dim)
 
+    def token_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """On the unpadded tokens (padding is BRA's, not the image's), scale qk_dim^-0.5 as BRA uses."""
+        q, k, v = (self.heads(t.flatten(0, 1)) for t in self.qkv.separate(x[0]))  # (m, N, c)
+        return q * self.scale, k, v
+
     # -- attention map --------------------------------------------------------------------
 
     @torch.no_grad()

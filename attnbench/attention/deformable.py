@@ -129,6 +129,12 @@ class DeformableAttention(AttentionBase):
         with stage("output projection"):
             return self.proj_out(out.transpose(1, 2).reshape(B, H, W, C))
 
+    def token_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys and values projected at the tokens instead of at the sample points."""
+        t = x[:1].flatten(1, 2)
+        q, k, v = (self.heads(proj(t))[0] for proj in (self.proj_q, self.proj_k, self.proj_v))
+        return q * self.scale, k, v
+
     @torch.no_grad()
     def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
         queries = self.check_queries(x, queries)

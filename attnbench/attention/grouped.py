@@ -250,6 +250,10 @@ class GroupedAttention(AttentionBase):
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             return self.proj(out.view(B, H, W, C))
 
+    def token_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = (t.transpose(0, 1) for t in self.project(x[0].flatten(0, 1), slice(0, self.num_heads)))
+        return q * self.scale, k, v
+
     @torch.no_grad()
     def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
         queries = self.check_queries(x, queries)

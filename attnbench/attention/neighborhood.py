@@ -280,6 +280,10 @@ class NeighborhoodAttention(AttentionBase):
             logits = logits + bias.transpose(0, 1).unsqueeze(-2)
         return logits.softmax(-1)
 
+    def token_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = (self.heads(t[0]) for t in self.project(x[:1]))
+        return q * self.scale, k, v
+
     # -- attention map ---------------------------------------------------------------------------
 
     @torch.no_grad()

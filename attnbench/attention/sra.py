@@ -90,6 +90,12 @@ class SpatialReductionAttention(AttentionBase):
         with stage("proj"):
             return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
 
+    def token_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys and values from every token: the reduction's norm, not its pooling conv."""
+        t = x[:1].flatten(1, 2)
+        k, v = self.kv(self.norm(t) if self.sr_ratio > 1 else t).chunk(2, dim=-1)
+        return self.heads(self.q(t))[0] * self.scale, self.heads(k)[0], self.heads(v)[0]
+
     @torch.no_grad()
     def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
         queries = self.check_queries(x, queries)

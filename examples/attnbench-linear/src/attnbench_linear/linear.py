@@ -53,6 +53,12 @@ class LinearAttention(AttentionBase):
         out = (q @ kv) * z
         return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
 
+    def token_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For `bench fidelity`: softmax attention's q (scaled), k, v from the same qkv Linear."""
+        _, H, W, _ = x.shape
+        q, k, v = self.qkv(x[:1]).view(1, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)[:, 0]
+        return q * self.scale, k, v
+
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
         queries = self.check_queries(x, queries)
