@@ -381,8 +381,22 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
 
 @app.command("plot")
 def plot_command(results: Path = typer.Argument(..., help="a results folder written by bench run")) -> None:
-    """Regenerate summary.md and the plots of a results folder from its results.jsonl."""
+    """Regenerate summary.md and the plots of a results folder from its results.jsonl (or
+    of a `bench fidelity` folder from its fidelity.csv)."""
     store = ResultsStore(results)
+    if not store.jsonl.exists() and (results / "fidelity.csv").exists():
+        try:
+            about = json.loads((results / "fidelity.json").read_text()) if (results / "fidelity.json").exists() else {}
+            runs = about.get("results")
+            records = load_results(runs).records if runs and Path(runs).exists() else None
+            written = write_fidelity_reports(results, records, svg=(results / "fidelity_keys.svg").exists())
+            from .report.fidelity import read
+
+            console.print(fidelity_table(read(results)))
+        except ValueError as exc:
+            fail(str(exc))
+        console.print("wrote " + ", ".join(p.name for p in written))
+        return
     if not store.jsonl.exists():
         fail(f"{results} holds no results.jsonl; give a folder written by bench run")
     try:
@@ -539,6 +553,150 @@ def viz_command(
         fail(str(exc))
     console.print("wrote " + ", ".join(str(p) for p in written))
 
+
+
+@app.command("fidelity")
+def fidelity_command(
+    ctx: typer.Context,
+    methods: list[str] = typer.Option(None, "--methods", "-m", help="mechanisms, names or specs (default: the viz set and bra at n_win 8, topk 1/2/4/8/16)"),
+    image: list[Path] = typer.Option(None, "--image", help="a JPEG or PNG, or a folder of them; repeatable"),
+    images: Optional[str] = typer.Option(None, "--images", help="sample: grace_hopper.jpg and scikit-image's photographs (the default when no --image is given)"),
+    weights: list[str] = typer.Option(None, "--weights", help="content (identity projections, the default) or random (the control); repeatable"),
+    checkpoint: Optional[Path] = typer.Option(None, help="trained attention weights (a BiFormer BRA or Swin window-attention state dict): the mechanisms it fits are measured with them"),
+    resolution: int = typer.Option(512, help="each image's centre square is resized to this side in pixels"),
+    stride: int = typer.Option(16, help="pixels per token: the grid is resolution / stride tokens a side"),
+    dim: int = typer.Option(64, help="token channels"),
+    heads: int = typer.Option(2, help="attention heads"),
+    queries: int = typer.Option(4096, help="at most this many queries per image (a seeded sample beyond it)"),
+    results: Optional[Path] = typer.Option(None, help="a bench run folder on the same token grid: adds mass kept against latency"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: results/fidelity, or the next free results/fidelity-2, ...)"),
+    force: bool = typer.Option(False, help="replace fidelity.csv in --out if it is there"),
+    svg: bool = typer.Option(False, help="also write SVG"),
+    plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
+) -> None:
+    """How much of full attention's mass each pattern keeps, and how far its output moves, over real images."""
+    import csv
+
+    import torch
+
+    from . import fidelity as fd
+    from .measure.env import cpu_model, git_commit
+    from .report import fidelity as report
+    from .report.content import image_size, images_in, sample_images
+    from .report.viz import load_checkpoint
+
+    load_plugin_options(plugin)
+    try:
+        settings = fd.Settings(resolution, stride, dim, heads, queries)
+        settings.check()
+        kinds = list(dict.fromkeys(weights or ([] if checkpoint else ["content"])))
+        for kind in kinds:
+            if kind not in fd.WEIGHT_KINDS:
+                raise ValueError(f"unknown --weights '{kind}'; use {' or '.join(fd.WEIGHT_KINDS)}")
+        if images not in (None, "sample"):
+            raise ValueError(f"unknown --images '{images}'; the one set is 'sample' (use --image for your own files)")
+        paths = [p for given in image or [] for p in images_in(given)]
+        if images == "sample" or not image:
+            paths += sample_images()
+        if not paths:
+            raise ValueError("no images; give --image FILE_OR_FOLDER or --images sample")
+        for path in paths:
+            image_size(path, None)  # an unreadable file fails here, before any work
+        if out is None:
+            out = next(f for f in [Path("results/fidelity")] + [Path(f"results/fidelity-{n}") for n in range(2, 10_000)]
+                       if not (f / "fidelity.csv").exists())
+        elif (out / "fidelity.csv").exists() and not force:
+            raise ValueError(f"{out / 'fidelity.csv'} exists; use --force to replace it, or another --out")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        specs, notes = fd.check_specs(split_methods(methods) if methods else fd.default_specs(), settings,
+                                      required=bool(methods))
+        state = None
+        if checkpoint:
+            state = load_checkpoint(checkpoint)
+            fitting = [s for s in specs if fd.build(s, "checkpoint", settings, state) is not None]
+            if not fitting:
+                raise ValueError(f"checkpoint {checkpoint} fits none of the mechanisms ({', '.join(specs)}) at --dim "
+                                 f"{dim} --heads {heads}; name the mechanism it was trained for with --methods")
+            kinds.append("checkpoint")
+        records = load_results(results).records if results else None
+        if records:  # before any work: the latency plot needs cases on this grid
+            report.runs_on_grid(records, *settings.grid, dim, heads)
+    except ValueError as exc:
+        fail(str(exc))
+    for note in notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    out.mkdir(parents=True, exist_ok=True)
+    about = {"command": command_line(ctx), "machine": cpu_model(), "torch": torch.__version__,
+             "commit": git_commit(), "images": [str(p) for p in paths], "results": str(results) if results else None,
+             "checkpoint": str(checkpoint) if checkpoint else None}
+    (out / "fidelity.json").write_text(json.dumps(about, indent=2) + "\n")
+    total = len(paths) * len(kinds) * len(specs)
+    with open(out / "fidelity.csv", "w", newline="") as f, Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True) as progress:
+        writer = csv.DictWriter(f, fieldnames=report.COLUMNS)
+        writer.writeheader()
+        task = progress.add_task("fidelity", total=total)
+
+        def written(row: dict) -> None:  # each row lands on disk as it finishes
+            writer.writerow(row)
+            f.flush()
+
+        def step(what: str) -> None:
+            progress.update(task, description=escape(what), advance=1)
+
+        try:
+            fd.run(specs, paths, kinds, settings, checkpoint=state, on_row=written, on_step=step)
+        except ValueError as exc:
+            fail(str(exc))
+    try:
+        written_files = write_fidelity_reports(out, records, svg)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(fidelity_table(report.read(out)))
+    console.print("wrote " + ", ".join(str(p) for p in [out / "fidelity.csv"] + written_files))
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The running command as a user would type it: the options that differ from their defaults."""
+    import shlex
+
+    parts = ["bench", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value in (None, [], (), False) or value == param.default:
+            continue
+        flag = param.opts[0]
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            parts += [flag] if v is True else [flag, str(v)]
+    return shlex.join(parts)
+
+
+def write_fidelity_reports(out: Path, records: list[dict] | None, svg: bool = False) -> list[Path]:
+    """summary.md and the plots of a fidelity folder, from its fidelity.csv."""
+    from .report import fidelity as report
+
+    df = report.read(out)
+    about_path = out / "fidelity.json"
+    about = json.loads(about_path.read_text()) if about_path.exists() else {}
+    (out / "summary.md").write_text(report.summary_markdown(df, about))
+    written = [out / "summary.md"] + report.plot_mass_vs_keys(df, out, svg)
+    if records:
+        written += report.plot_mass_vs_latency(df, records, out, svg)
+    return written
+
+
+def fidelity_table(df) -> Table:
+    from .report.fidelity import over_images
+
+    table = Table(title=f"fidelity over {df['image'].nunique()} images, {df['height'].iloc[0]}x{df['width'].iloc[0]} tokens")
+    for col in ("weights", "mechanism", "keys attended", "mass kept", "IQR over images", "kept / keys", "output error"):
+        table.add_column(col, justify="left" if col in ("weights", "mechanism") else "right")
+    for _, r in over_images(df).iterrows():
+        table.add_row(r["weights"], escape(r["label"]), f"{r['keys_fraction']:.1%}", f"{r['mass_kept']:.1%}",
+                      f"{r['mass_kept_lo']:.1%}-{r['mass_kept_hi']:.1%}", f"{r['gain']:.2f}", f"{r['output_error']:.3f}")
+    return table
 
 
 @app.command("profile")

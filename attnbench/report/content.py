@@ -29,6 +29,55 @@ def sample_image_path() -> Path:
     return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 
 
+# natural photographs among the images scikit-image ships in its wheel (skimage/data/);
+# left out: drawings, charts, text, synthetic patterns and the second of a stereo pair
+SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "grass.png",
+                  "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png", "motorcycle_left.png", "retina.jpg",
+                  "rocket.jpg")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def sample_images() -> list[Path]:
+    """grace_hopper.jpg and, where scikit-image is installed, its natural photographs; all
+    from files already on disk (scikit-image is found, not imported)."""
+    import importlib.util
+
+    images = [sample_image_path()]
+    spec = importlib.util.find_spec("skimage")
+    if spec is not None and spec.submodule_search_locations:
+        data = Path(list(spec.submodule_search_locations)[0]) / "data"
+        images += [data / name for name in SKIMAGE_PHOTOS if (data / name).is_file()]
+    return images
+
+
+def images_in(path: Path | str) -> list[Path]:
+    """A JPEG/PNG file, or the JPEGs and PNGs directly in a folder (sorted); a ValueError
+    for a path that does not exist or a folder without one."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
+            raise ValueError(f"folder '{path}' holds no image (looked for {', '.join(IMAGE_SUFFIXES)})")
+        return found
+    if not path.is_file():
+        raise ValueError(f"image '{path}' does not exist")
+    return [path]
+
+
+def load_square(path: Path | str, size: int) -> np.ndarray:
+    """RGB in [0, 1], (size, size, 3): the image's central square, resized. Every image then
+    has the same token grid, so figures over images are over one setting."""
+    path = Path(path)
+    try:
+        img = Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"image '{path}' cannot be read as a JPEG or PNG ({exc})") from None
+    side = min(img.width, img.height)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
 def image_size(path: Path | str | None, width: int | None) -> tuple[int, int]:
     """(width, height) the image will have, read from its header without decoding it."""
     path = Path(path) if path is not None else sample_image_path()
@@ -92,7 +141,11 @@ def content_tokens(image: np.ndarray, stride: int, dim: int, seed: int = 0) -> t
 @torch.no_grad()
 def use_content_weights(module: nn.Module, sharpness: float = 2.0) -> nn.Module:
     """Identity query/key/value/output projections (q and k scaled by ``sharpness``) and zero
-    biases, so that attention logits are scaled dot products of the tokens themselves."""
+    biases, so that attention logits are scaled dot products of the tokens themselves. The
+    softmax scale is head_dim^-0.5 for every mechanism (BRA's own qk_dim^-0.5 would make its
+    attention softer than the others' on the same tokens)."""
+    if isinstance(getattr(module, "scale", None), float) and hasattr(module, "head_dim"):
+        module.scale = module.head_dim**-0.5
     for name, layer in module.named_modules():
         if isinstance(layer, nn.Conv2d) and layer.stride[0] > 1 and layer.groups == 1 and \
                 layer.in_channels == layer.out_channels:  # a strided reduction (PVT's sr): the cell's mean

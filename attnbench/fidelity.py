@@ -1,0 +1,221 @@
+"""What a sparse pattern keeps of full attention, measured per query on real images.
+
+For one mechanism, one image and every query (or a seeded sample of them):
+
+- ``keys_fraction``: the share of the image's tokens the query's pattern attends, per head,
+  averaged over heads (a key that stands for several tokens, as in spatial reduction,
+  covers them all);
+- ``mass_kept``: the share of full attention's softmax mass that falls on those tokens.
+  Full attention is built from the mechanism's own q, k and v of every token
+  (``token_qkv``), so only the pattern differs, not the weights;
+- ``output_error``: ``|o_pattern - o_full| / |o_full|`` over all heads' channels, the
+  attention outputs before the output projection (terms added outside the attention,
+  such as BRA's lepe, left out of both).
+
+A pattern that attended keys at random would keep about its key share of the mass; what
+it keeps above that is what its choice of keys is worth. Everything runs in float64, so
+that no weight inside a pattern underflows to zero and counts as unattended.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import AttentionBase, AttentionMap, build_attention, canonical, format_spec, list_attentions
+
+METRICS = ("keys_fraction", "mass_kept", "output_error")
+WEIGHT_KINDS = ("content", "random")
+TOPKS = (1, 2, 4, 8, 16)  # the routed-region counts the default set sweeps, at n_win 8
+
+
+@dataclass
+class QueryFidelity:
+    """Each metric per query, (Q,) each, in query order."""
+
+    keys_fraction: Tensor
+    mass_kept: Tensor
+    output_error: Tensor
+
+    @staticmethod
+    def cat(parts: Sequence["QueryFidelity"]) -> "QueryFidelity":
+        return QueryFidelity(*(torch.cat([getattr(p, m) for p in parts]) for m in METRICS))
+
+
+@dataclass(frozen=True)
+class Settings:
+    resolution: int = 512  # images are centre-cropped square and resized to this side
+    stride: int = 16  # pixels per token
+    dim: int = 64
+    heads: int = 2
+    max_queries: int = 4096  # more tokens than this: a seeded random sample of queries
+    seed: int = 0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.resolution // self.stride, self.resolution // self.stride
+
+    def check(self) -> None:
+        for name in ("resolution", "stride", "dim", "heads", "max_queries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if self.resolution % self.stride:
+            raise ValueError(f"--resolution {self.resolution} is not a multiple of --stride {self.stride}; "
+                             f"try {self.resolution // self.stride * self.stride}")
+
+
+def default_specs() -> list[str]:
+    """``bench viz``'s set (every mechanism at its legible settings, plugins included) and BRA
+    at n_win 8 over topk 1..16, deduplicated."""
+    specs = [format_spec(info.name, info.demo) for info in list_attentions()]
+    specs += [f"bra:n_win=8,topk={k}" for k in TOPKS]
+    seen, out = set(), []
+    for spec in specs:
+        key = (canonical(spec).name, canonical(spec).params_text)
+        if key not in seen:
+            seen.add(key)
+            out.append(spec)
+    return out
+
+
+def has_token_qkv(module: torch.nn.Module) -> bool:
+    return type(module).token_qkv is not AttentionBase.token_qkv
+
+
+def key_support(amap: AttentionMap, grid: tuple[int, int]) -> Tensor:
+    """(Q, heads, H*W) bool: the image tokens each query attends in each head. Keys on a
+    coarser grid cover the tokens they stand for; padded keys (BRA's auto_pad) are dropped."""
+    H, W = grid
+    seen = (amap.weights != 0).to(torch.uint8)
+    sy, sx = amap.key_stride
+    if (sy, sx) != (1, 1):
+        seen = seen.repeat_interleave(sy, 2).repeat_interleave(sx, 3)
+    seen = F.pad(seen, (0, max(0, W - seen.shape[3]), 0, max(0, H - seen.shape[2])))  # cells that end short
+    return seen[:, :, :H, :W].flatten(2).bool()
+
+
+def compare_to_full(amap: AttentionMap, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int]) -> QueryFidelity:
+    """The three metrics for the map's queries; q, k, v: (heads, H*W, d) as ``token_qkv`` gives them."""
+    W = grid[1]
+    tokens = torch.tensor([y * W + x for y, x in amap.queries])
+    full = (q[:, tokens] @ k.transpose(-2, -1)).softmax(-1).transpose(0, 1)  # (Q, heads, N)
+    support = key_support(amap, grid)
+    mass = (full * support).sum(-1).mean(-1)
+    keys = support.to(full.dtype).mean(-1).mean(-1)
+    full_out = torch.einsum("qhn,hnd->qhd", full, v)
+    pattern_out = torch.einsum("qhyx,hyxd->qhd", amap.weights.to(v.dtype), amap.values.to(v.dtype))
+    error = (pattern_out - full_out).flatten(1).norm(dim=1) / full_out.flatten(1).norm(dim=1).clamp_min(1e-300)
+    return QueryFidelity(keys, mass, error)
+
+
+def query_positions(grid: tuple[int, int], limit: int, seed: int = 0) -> list[tuple[int, int]]:
+    """Every position of the grid, row-major, or a seeded sample of ``limit`` of them."""
+    H, W = grid
+    ids = list(range(H * W))
+    if len(ids) > limit:
+        ids = sorted(random.Random(seed).sample(ids, limit))
+    return [(i // W, i % W) for i in ids]
+
+
+@torch.no_grad()
+def measure(module: AttentionBase, tokens: Tensor, queries: list[tuple[int, int]], chunk: int = 256) -> QueryFidelity:
+    """The metrics of ``module`` on ``tokens`` (1, H, W, C) for ``queries``, in chunks so that
+    the maps hold chunk x heads x N weights at a time."""
+    grid = tuple(tokens.shape[1:3])
+    q, k, v = module.token_qkv(tokens)
+    parts = [compare_to_full(module.attention_map(tokens, queries[i:i + chunk]), q, k, v, grid)
+             for i in range(0, len(queries), chunk)]
+    return QueryFidelity.cat(parts)
+
+
+def build(spec: str, kind: str, settings: Settings, checkpoint: dict | None = None) -> AttentionBase | None:
+    """The mechanism in float64 with ``kind`` weights: content, random, or checkpoint (None
+    when the checkpoint does not hold this mechanism's tensors)."""
+    from .report.viz import build_for_viz
+
+    if kind == "checkpoint":
+        module = build_for_viz(spec, settings.dim, settings.heads, "random", checkpoint, settings.seed, partial="skip")
+        if not getattr(module, "loaded_checkpoint", False):
+            return None
+    else:
+        module = build_for_viz(spec, settings.dim, settings.heads, kind, seed=settings.seed)
+    return module.double()
+
+
+def check_specs(specs: list[str], settings: Settings, required: bool) -> tuple[list[str], list[str]]:
+    """(specs that can be measured on the grid, notes on those left out). Bad parameters,
+    and a spec the grid cannot take, raise ValueError; so does one without ``token_qkv``
+    when it was asked for (``required``); from the default set it is left out with a note."""
+    keep, notes = [], []
+    H, W = settings.grid
+    probe = torch.zeros(1, H, W, settings.dim)
+    for spec in specs:
+        module = build_attention(spec, settings.dim, settings.heads)
+        if not has_token_qkv(module):
+            message = f"{spec}: its mechanism does not define token_qkv, which fidelity needs to build full attention"
+            if required:
+                raise ValueError(message)
+            notes.append(message + "; left out")
+            continue
+        try:
+            with torch.no_grad():
+                module.attention_map(probe, [(0, 0)])
+        except ValueError as exc:
+            raise ValueError(f"{spec} cannot run on the {H}x{W} token grid of --resolution {settings.resolution} "
+                             f"--stride {settings.stride}: {exc}") from None
+        keep.append(spec)
+    return keep, notes
+
+
+def summarise(values: Tensor) -> tuple[float, float, float]:
+    """Mean, 25th and 75th percentile."""
+    v = values.double()
+    return float(v.mean()), float(torch.quantile(v, 0.25)), float(torch.quantile(v, 0.75))
+
+
+def row(spec: str, kind: str, image: str, settings: Settings, result: QueryFidelity) -> dict:
+    """One line of fidelity.csv: a mechanism on an image, its metrics' mean and quartiles over queries."""
+    c = canonical(spec)
+    H, W = settings.grid
+    out = {"mechanism": c.name, "params": c.params_text, "image": image}
+    for metric in METRICS:
+        mean, p25, p75 = summarise(getattr(result, metric))
+        out[metric] = mean
+        out[f"{metric}_p25"], out[f"{metric}_p75"] = p25, p75
+    out.update(weights=kind, label=c.label, resolution=settings.resolution, stride=settings.stride, height=H, width=W,
+               dim=settings.dim, heads=settings.heads, queries=len(result.mass_kept))
+    return out
+
+
+def image_names(paths: list[Path]) -> list[str]:
+    """File names, or whole paths where two images share a name."""
+    names = [p.name for p in paths]
+    return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
+
+
+def run(specs: list[str], images: list[Path], kinds: list[str], settings: Settings, *,
+        checkpoint: dict | None = None, on_row: Callable[[dict], None] = lambda r: None,
+        on_step: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Every (image, weights, mechanism), each row handed to ``on_row`` as it finishes."""
+    from .report.content import content_tokens, load_square
+
+    rows = []
+    queries = query_positions(settings.grid, settings.max_queries, settings.seed)
+    for path, name in zip(images, image_names(images)):
+        picture = load_square(path, settings.resolution)
+        tokens = content_tokens(picture, settings.stride, settings.dim).double()
+        for kind in kinds:
+            for spec in specs:
+                on_step(f"{name}: {spec} ({kind})")
+                module = build(spec, kind, settings, checkpoint)
+                if module is None:
+                    continue
+                rows.append(row(spec, kind, name, settings, measure(module, tokens, queries)))
+                on_row(rows[-1])
+    return rows

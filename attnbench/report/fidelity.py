@@ -1,0 +1,229 @@
+"""Fidelity tables and plots from fidelity.csv (``bench fidelity``): what each pattern keeps
+of full attention against the keys it attends, and against what it costs. Needs no torch.
+
+A row of fidelity.csv is one mechanism on one image under one kind of weights, its
+metrics averaged over queries. Figures over images take each mechanism's per-image means;
+rows that differ in a setting (grid, dim, heads) are refused, never averaged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ..schema import params_of  # noqa: E402
+from .plots import check_one_setting, save_figure  # noqa: E402
+from .table import frame  # noqa: E402
+
+METRICS = ("keys_fraction", "mass_kept", "output_error")
+COLUMNS = ["mechanism", "params", "image"] + [f"{m}{s}" for m in METRICS for s in ("", "_p25", "_p75")] + \
+          ["weights", "label", "resolution", "stride", "height", "width", "dim", "heads", "queries"]
+SETTING = ("resolution", "stride", "height", "width", "dim", "heads")
+WEIGHTS_TEXT = {
+    "content": "content tokens, identity projections (a proxy for trained weights)",
+    "random": "content tokens, random projections (the control)",
+    "checkpoint": "content tokens, trained attention weights",
+}
+
+
+def read(path: Path | str) -> pd.DataFrame:
+    """fidelity.csv (or the folder holding it) as a frame; a ValueError naming what is wrong."""
+    path = Path(path)
+    path = path / "fidelity.csv" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; give a folder written by `bench fidelity` or its fidelity.csv")
+    try:
+        df = pd.read_csv(path, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read as fidelity results: {exc}") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path} is not a fidelity.csv (missing columns: {', '.join(missing)})")
+    if df.empty:
+        raise ValueError(f"{path} holds no rows")
+    mixed = {c: sorted(map(str, df[c].unique())) for c in SETTING if df[c].nunique() > 1}
+    if mixed:
+        what = "; ".join(f"{c}: {', '.join(v)}" for c, v in mixed.items())
+        raise ValueError(f"{path} mixes settings ({what}); each figure is over one setting")
+    return df
+
+
+def over_images(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (weights, mechanism, params): each metric's mean over images, and the quartiles
+    of mass kept over images; in the order the run measured them."""
+    rows = []
+    for (kind, mech, params), g in df.groupby(["weights", "mechanism", "params"], sort=False):
+        r: dict[str, Any] = {"weights": kind, "mechanism": mech, "params": params, "label": g["label"].iloc[0],
+                             "images": len(g)}
+        for m in METRICS:
+            r[m] = float(g[m].mean())
+        r["mass_kept_lo"], r["mass_kept_hi"] = (float(np.percentile(g["mass_kept"], q)) for q in (25, 75))
+        r["gain"] = r["mass_kept"] / r["keys_fraction"] if r["keys_fraction"] > 0 else float("nan")
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def summary_markdown(df: pd.DataFrame, about: dict[str, Any] | None = None) -> str:
+    """summary.md: the setting, one table per kind of weights, and what each column means."""
+    about = about or {}
+    first = df.iloc[0]
+    images = list(dict.fromkeys(df["image"]))
+    lines = ["# Fidelity: what each pattern keeps of full attention", ""]
+    lines.append(f"{len(images)} images ({', '.join(images)}), each centre-cropped square and resized to "
+                 f"{first['resolution']} px; stride {first['stride']}: {first['height']}x{first['width']} tokens; "
+                 f"dim {first['dim']}, {first['heads']} heads; {first['queries']} queries per image"
+                 f"{' (all)' if int(first['queries']) == int(first['height']) * int(first['width']) else ' (a seeded sample)'}.")
+    if about:
+        lines.append(f"Run on {about.get('machine', '?')}, torch {about.get('torch', '?')}, attnbench commit "
+                     f"{about.get('commit', '?')}: `{about.get('command', '')}`.")
+    summary = over_images(df)
+    for kind, g in summary.groupby("weights", sort=False):
+        lines += ["", f"## {kind} weights: {WEIGHTS_TEXT.get(kind, kind)}", "",
+                  "| mechanism | keys attended | mass kept | mass kept, IQR over images | mass kept / keys attended | output error |",
+                  "|---|---|---|---|---|---|"]
+        for _, r in g.iterrows():
+            lines.append(f"| {r['label']} | {r['keys_fraction']:.1%} | {r['mass_kept']:.1%} | "
+                         f"{r['mass_kept_lo']:.1%} - {r['mass_kept_hi']:.1%} | {r['gain']:.2f} | {r['output_error']:.3f} |")
+    lines += ["", "Means over images of each image's mean over queries. keys attended: the share of the image's "
+              "tokens a query's pattern attends (per head, averaged). mass kept: the share of full attention's softmax "
+              "mass on those tokens, full attention built from the mechanism's own q, k, v. output error: "
+              "|o_pattern - o_full| / |o_full| before the output projection. A pattern that picked its keys blind to "
+              "content would keep about its key share (ratio 1).", ""]
+    if "content" in set(df["weights"]):
+        lines += ["The content weights are a proxy: tokens are per-patch image statistics and attention follows their "
+                  "similarity, not what a trained network attends to. They rank how well each pattern's support covers "
+                  "content-similar tokens; they do not measure a trained model's accuracy.", ""]
+    return "\n".join(lines)
+
+
+def _lines(group: pd.DataFrame) -> tuple[list[tuple[str, pd.DataFrame]], pd.DataFrame]:
+    """One mechanism's specs: runs that differ in exactly one numeric parameter, as lines
+    (the parameter with the longest run), and the specs left as single points."""
+    params = [params_of(p) for p in group["params"]]
+    best: tuple[str, list[list[int]]] | None = None
+    for name in params[0]:
+        runs: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            try:
+                float(p.get(name, ""))
+            except ValueError:
+                continue
+            runs.setdefault(tuple(sorted((k, v) for k, v in p.items() if k != name)), []).append(i)
+        runs_ = [r for r in runs.values() if len(r) > 1]
+        if runs_ and (best is None or max(map(len, runs_)) > max(map(len, best[1]))):
+            best = (name, runs_)
+    if best is None:
+        return [], group
+    name, runs = best
+    lines, used = [], set()
+    for run in runs:
+        g = group.iloc[run].copy()
+        g["_x"] = [float(params[i][name]) for i in run]
+        g = g.sort_values("_x")
+        lines.append((f"{group['mechanism'].iloc[0]} {name}={'/'.join(_num(v) for v in g['_x'])}", g))
+        used.update(run)
+    return lines, group.iloc[[i for i in range(len(group)) if i not in used]]
+
+
+def _num(v: float) -> str:
+    return f"{v:g}"
+
+
+def _draw(ax, summary: pd.DataFrame, x: str, xerr: bool = False) -> None:
+    colours = plt.get_cmap("tab10").colors
+    markers = "osD^vP*Xh<>"
+    for i, (mech, g) in enumerate(summary.groupby("mechanism", sort=False)):
+        colour = colours[i % 10]
+        lines, points = _lines(g)
+        for label, run in lines:
+            ax.errorbar(run[x], run["mass_kept"], yerr=[run["mass_kept"] - run["mass_kept_lo"],
+                        run["mass_kept_hi"] - run["mass_kept"]], color=colour, marker=markers[i % 11], ms=5,
+                        capsize=2, lw=1.3, label=label)
+        for j, (_, r) in enumerate(points.iterrows()):
+            ax.errorbar([r[x]], [r["mass_kept"]], yerr=[[r["mass_kept"] - r["mass_kept_lo"]],
+                        [r["mass_kept_hi"] - r["mass_kept"]]], color=colour, marker=markers[(i + j) % 11], ms=7,
+                        capsize=2, ls="none", mfc="white" if j else colour, label=r["label"])
+
+
+def plot_mass_vs_keys(df: pd.DataFrame, out: Path, svg: bool = True) -> list[Path]:
+    """Mass kept against keys attended, one panel per kind of weights; error bars: IQR over images."""
+    summary = over_images(df)
+    kinds = list(dict.fromkeys(summary["weights"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7.5 * len(kinds), 6.2), squeeze=False, layout="constrained")
+    for ax, kind in zip(axes[0], kinds):
+        _draw(ax, summary[summary["weights"] == kind], "keys_fraction")
+        grid = np.geomspace(max(summary["keys_fraction"].min() * 0.7, 1e-4), 1.0, 50)
+        ax.plot(grid, grid, color="grey", lw=0.8, ls=":", label="mass kept = keys attended")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.03)
+        ax.set_xlabel("keys attended (share of the image's tokens)")
+        ax.set_ylabel("full attention's mass kept")
+        ax.set_title(WEIGHTS_TEXT.get(kind, kind), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(_setting_title(df, "what each pattern keeps of full attention, against the keys it attends"), fontsize=11)
+    return save_figure(fig, out, "fidelity_keys", svg)
+
+
+def runs_on_grid(records: list[dict[str, Any]], height: int, width: int, dim: int, heads: int) -> pd.DataFrame:
+    """The measured cases of a ``bench run`` on this token grid, dim and heads; a ValueError
+    naming what the records have if there are none, or if they mix settings there."""
+    runs = frame(records)
+    same = runs[(runs["height"] == height) & (runs["width"] == width) & (runs["dim"] == dim)
+                & (runs["heads"] == heads) & (runs["status"] == "ok")]
+    if same.empty:
+        grids = sorted({f"{r['height']}x{r['width']} tokens, dim {r['dim']}, {r['heads']} heads" for r in records})
+        raise ValueError(f"the results hold no measured case on the fidelity grid ({height}x{width} tokens, dim {dim}, "
+                         f"{heads} heads); they have: {'; '.join(grids)}. Run `bench run --resolution {height * 4} "
+                         f"--dim {dim} --heads {heads}` (4 px per token) with the same methods")
+    check_one_setting(same)
+    return same
+
+
+def latency_rows(df: pd.DataFrame, records: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
+    """Each (weights, mechanism, params) of the fidelity summary with the latency that a
+    ``bench run`` measured on the same token grid, dim and heads; and the labels without one."""
+    first = df.iloc[0]
+    same = runs_on_grid(records, int(first["height"]), int(first["width"]), int(first["dim"]), int(first["heads"]))
+    latency = {(r["mechanism"], r["params"]): r for _, r in same.iterrows()}
+    summary = over_images(df)
+    found = [latency.get((r["mechanism"], r["params"])) for _, r in summary.iterrows()]
+    summary["latency_ms"] = [None if f is None else float(f["latency_ms"]) for f in found]
+    summary["macs"] = [None if f is None else f["macs"] for f in found]
+    missing = sorted(set(summary.loc[summary["latency_ms"].isna(), "label"]))
+    return summary.dropna(subset=["latency_ms"]), missing
+
+
+def plot_mass_vs_latency(df: pd.DataFrame, records: list[dict[str, Any]], out: Path, svg: bool = True) -> list[Path]:
+    """Mass kept against the latency measured on the same grid: what a pattern keeps against what it costs."""
+    summary, missing = latency_rows(df, records)
+    if summary.empty:
+        raise ValueError("no mechanism of the fidelity run was measured in the results; nothing to plot")
+    kinds = list(dict.fromkeys(summary["weights"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7.5 * len(kinds), 6.2), squeeze=False, layout="constrained")
+    run = records[0]
+    for ax, kind in zip(axes[0], kinds):
+        _draw(ax, summary[summary["weights"] == kind], "latency_ms")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.03)
+        ax.set_xlabel(f"latency (ms, median; {run['device']}, {run['dtype']}, {run['mode']}, batch {run['batch']})")
+        ax.set_ylabel("full attention's mass kept")
+        ax.set_title(WEIGHTS_TEXT.get(kind, kind), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    note = f" (not in the results: {', '.join(missing)})" if missing else ""
+    fig.suptitle(_setting_title(df, "what each pattern keeps against what it costs") + note, fontsize=10)
+    return save_figure(fig, out, "fidelity_latency", svg)
+
+
+def _setting_title(df: pd.DataFrame, what: str) -> str:
+    r = df.iloc[0]
+    return (f"{what}\n{df['image'].nunique()} images at {r['resolution']} px, {r['height']}x{r['width']} tokens, "
+            f"dim {r['dim']}, {r['heads']} heads; error bars: IQR over images")
