@@ -229,7 +229,7 @@ def test_topk_runs_are_drawn_as_a_line(tiny_run):
     out, _ = tiny_run
     summary = report.over_images(report.read(out))
     lines, points = report._lines(summary[(summary["mechanism"] == "bra") & (summary["weights"] == "content")])
-    assert [label for label, _ in lines] == ["bra topk=1/2"] and points.empty
+    assert [label for label, _ in lines] == ["bra:n_win=2 topk=1/2"] and points.empty
 
 
 def test_bench_plot_redraws_a_fidelity_folder(tiny_run):

@@ -127,7 +127,10 @@ def _lines(group: pd.DataFrame) -> tuple[list[tuple[str, pd.DataFrame]], pd.Data
         g = group.iloc[run].copy()
         g["_x"] = [float(params[i][name]) for i in run]
         g = g.sort_values("_x")
-        lines.append((f"{group['mechanism'].iloc[0]} {name}={'/'.join(_num(v) for v in g['_x'])}", g))
+        given = params_of(g["label"].iloc[0].partition(":")[2])  # the fixed parameters the specs named
+        fixed = ",".join(f"{k}={v}" for k, v in given.items() if k != name)
+        lines.append((f"{group['mechanism'].iloc[0]}{':' + fixed if fixed else ''} {name}="
+                      f"{'/'.join(_num(v) for v in g['_x'])}", g))
         used.update(run)
     return lines, group.iloc[[i for i in range(len(group)) if i not in used]]
 
@@ -167,8 +170,11 @@ def plot_mass_vs_keys(df: pd.DataFrame, out: Path, svg: bool = True) -> list[Pat
         ax.set_ylabel("full attention's mass kept")
         ax.set_title(WEIGHTS_TEXT.get(kind, kind), fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(_setting_title(df, "what each pattern keeps of full attention, against the keys it attends"), fontsize=11)
+    _legend(fig, axes)
+    whole = sorted(set(summary.loc[summary["keys_fraction"] >= 1.0, "label"]))
+    note = f"\nattending every token, at (1, 1): {', '.join(whole)}" if len(whole) > 1 else ""
+    fig.suptitle(_setting_title(df, "what each pattern keeps of full attention, against the keys it attends") + note,
+                 fontsize=11)
     return save_figure(fig, out, "fidelity_keys", svg)
 
 
@@ -217,10 +223,16 @@ def plot_mass_vs_latency(df: pd.DataFrame, records: list[dict[str, Any]], out: P
         ax.set_ylabel("full attention's mass kept")
         ax.set_title(WEIGHTS_TEXT.get(kind, kind), fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    _legend(fig, axes)
     note = f" (not in the results: {', '.join(missing)})" if missing else ""
     fig.suptitle(_setting_title(df, "what each pattern keeps against what it costs") + note, fontsize=10)
     return save_figure(fig, out, "fidelity_latency", svg)
+
+
+def _legend(fig, axes) -> None:
+    """One legend for all panels, outside them on the right."""
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
 
 
 def _setting_title(df: pd.DataFrame, what: str) -> str:
