@@ -132,16 +132,18 @@ class FakeCuda:
         return FakeEvent
 
 
-def install(monkeypatch, **options) -> FakeCuda:
-    """Patch torch.cuda with a FakeCuda and keep tensors on the CPU; returns the fake."""
+def install(monkeypatch=None, **options) -> FakeCuda:
+    """Patch torch.cuda with a FakeCuda and keep tensors on the CPU; returns the fake. Without
+    ``monkeypatch`` the patches stay for the life of the process (a case's child process)."""
     fake = FakeCuda(**options)
+    setattr_ = monkeypatch.setattr if monkeypatch is not None else setattr
     for name in ("is_available", "device_count", "current_device", "set_device", "synchronize", "current_stream",
                  "get_device_properties", "get_device_name", "get_device_capability", "mem_get_info",
                  "set_per_process_memory_fraction", "empty_cache", "memory_allocated", "reset_peak_memory_stats",
                  "max_memory_allocated"):
-        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
-    monkeypatch.setattr(torch.cuda, "Event", fake.event_class())
-    monkeypatch.setattr(device_module, "tensor_device", lambda device: torch.device("cpu"))
+        setattr_(torch.cuda, name, getattr(fake, name))
+    setattr_(torch.cuda, "Event", fake.event_class())
+    setattr_(device_module, "tensor_device", lambda device: torch.device("cpu"))
     fake.tracker = TensorMemoryTracker()
     fake.tracker.__enter__()
     return fake

@@ -151,3 +151,108 @@ def test_peak_agreement_compares_the_device_statistics_with_the_tracker(fake):
     on_device, tracked = peak_agreement(step, torch.device("cuda", 0), step.clear)
     assert on_device == pytest.approx(tracked, rel=0.05) and tracked > 0
     assert peak_agreement(step, torch.device("cpu"), step.clear)[0] is None
+
+
+# -- end to end: the command line, with every case in its own process --------------------------
+
+CHILD_FAKE = str(__import__("pathlib").Path(__file__).with_name("fake_cuda_child.py"))
+
+
+@pytest.fixture
+def spawned(fake, monkeypatch):
+    """Cases in spawned processes (fresh interpreters that load the fake as a plugin), so the
+    shared forkserver of the other tests never holds a fake."""
+    import multiprocessing as mp
+
+    from attnbench.measure import isolate
+
+    import attnbench.measure as measure
+
+    monkeypatch.setattr(isolate, "_context", lambda plugins: mp.get_context("spawn"))
+    real_run = isolate._run_in_child  # every case's process loads the fake first (gpu-check takes no --plugin)
+    monkeypatch.setattr(isolate, "_run_in_child", lambda case, mem, timeout, budget, gemm, plugins, macs=None:
+                        real_run(case, mem, timeout, budget, gemm, (CHILD_FAKE, *plugins), macs))
+    # the calibration's 8192^2 GEMM would run on this CPU; it has its own test above
+    real = measure.gemm_gflops
+    monkeypatch.setattr(measure, "gemm_gflops", lambda device, dtype=torch.float32: real(device, dtype, n=64, budget_s=0.01))
+    return fake
+
+
+def bench(*args):
+    from typer.testing import CliRunner
+
+    from attnbench.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_bench_run_on_cuda_runs_every_case_in_its_own_process(spawned, tmp_path, mode):
+    """`bench run --device cuda`: the device named with its index, each case's process on its
+    GPU under its bound, timed by events (the fake's 1 ms), its peak from the device's
+    statistics, its MACs counted once in the parent (the child's fake refuses to count)."""
+    import json
+
+    from attnbench.measure import closed_form_macs
+
+    out = tmp_path / "run"
+    result = bench("run", "--device", "cuda", "--plugin", CHILD_FAKE, "--resolution", "32", "--dim", "16", "--heads",
+                   "2", "--budget", "0.02", "--mode", mode, "--repeat", "2" if mode == "fwd" else "1",
+                   "--methods", "full,window:window_size=4,bra:n_win=2,topk=1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    for r in records:
+        assert r["status"] == "ok", r["error"]
+        assert r["device"] == "cuda:0" and r["latency_ms"] == 1.0 and r["processes"] == (2 if mode == "fwd" else 1)
+        assert r["peak_mem_mb"] > 0
+        assert r["macs"] == closed_form_macs(r["label"], 1, 8, 8, 16, 2)
+    methods = {r["mechanism"]: r["macs_method"] for r in records}
+    assert methods == {"full": "fvcore, meta device", "window": "fvcore, meta device", "bra": "closed form"}
+    env = json.loads((out / "env.json").read_text())
+    assert env["device_name"] == "Fake GPU 0"
+    assert any(c[0] == "mem_get_info" and c[1] == 0 for c in spawned.calls)  # the bound, read with an index
+
+
+def test_bench_profile_on_cuda_asks_for_kernel_time(fake, monkeypatch):
+    """On CUDA the stages are the kernels' time (the profiler's CUDA activity), not the host's,
+    which only queues them. A CPU build of torch cannot record CUDA activity, so the fake
+    profiler records what was asked and profiles the CPU: the stage times read the device
+    field (zero here), and the host's time goes to 'other'."""
+    from torch.profiler import ProfilerActivity
+
+    import attnbench.measure.profile as profile_module
+
+    asked = []
+    real = profile_module.profile
+
+    def recording(activities):
+        asked.extend(activities)
+        return real(activities=[ProfilerActivity.CPU])
+
+    monkeypatch.setattr(profile_module, "profile", recording)
+    result = bench("profile", "window:window_size=4", "--device", "cuda", "--resolution", "32", "--dim", "16",
+                   "--runs", "2")
+    assert result.exit_code == 0, result.output
+    assert ProfilerActivity.CUDA in asked
+    assert "cuda:0" in result.output and "attention" in result.output
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("│ ").split("│")]
+                                              for line in result.output.splitlines() if line.startswith("│"))}
+    assert rows["attention"][0] == "0.00" and rows["other"][1] == "100.0%"
+    assert any(c[0] == "synchronize" and c[1] == 0 for c in fake.calls)
+
+
+def test_gpu_check_on_cuda_writes_its_checks(spawned, tmp_path, monkeypatch):
+    import attnbench.cli as cli
+
+    # its topk 4 comparison only (each case is a spawned process here, seconds each)
+    monkeypatch.setattr(cli, "GPU_CHECK_METHODS", ["full", "bra:n_win=8,topk=4", "bra:n_win=8,topk=4,impl=gather"])
+    out = tmp_path / "check"
+    result = bench("gpu-check", "--out", str(out), "--device", "cuda", "-r", "32", "--budget", "0.02")
+    checks = (out / "checks.md").read_text()
+    assert "# gpu-check on cuda:0" in checks
+    for part in ("float32-fwd", "float32-fwdbwd", "bfloat16-fwd", "bfloat16-fwdbwd"):
+        assert (out / part / "results.jsonl").exists(), part
+    assert "32 px topk 4: fast" in checks and "CUDA" in checks
+    assert result.exit_code == 0, result.output + checks
+    assert "failed: nothing" in checks and "0.0% apart (ok)" in checks

@@ -118,12 +118,12 @@ def shape_for(case: Case) -> Shape:
     return Shape(case.batch, case.height, case.width, case.dim, case.heads, DTYPES[case.dtype].itemsize)
 
 
-def macs_of(case: Case) -> tuple[MacCount | None, str]:
-    """The case's MACs and how they were counted: fvcore on the meta device where the
-    mechanism traces there (free); else, for a CPU case, fvcore on one real forward (inside
-    the case's memory bound); for a GPU case never a full-size forward on the host (the
-    official BRA at 2048 px would take some 69 GB of host memory): the declared closed form
-    (equal to fvcore's count, the tests check), or nothing."""
+def macs_without_running(case: Case) -> tuple[MacCount | None, str] | None:
+    """The case's MACs where counting them needs no real forward: fvcore on the meta
+    device where the mechanism traces there (free); for a GPU case that does not, the declared
+    closed form (equal to fvcore's count, the tests check) or nothing, never a full-size
+    forward on the host (the official BRA at 2048 px would take some 69 GB of host memory).
+    None for a CPU case that needs its one real forward (:func:`macs_of`)."""
     x_shape = (case.batch, case.height, case.width, case.dim)
     try:
         with torch.device("meta"):
@@ -132,12 +132,21 @@ def macs_of(case: Case) -> tuple[MacCount | None, str]:
     except (TypeError, RuntimeError, NotImplementedError):
         pass
     if resolve(case.device).type == "cpu":
-        module = build_attention(case.spec, case.dim, case.heads)
-        return count_macs(module, torch.randn(x_shape)), "fvcore, one forward"
+        return None
     closed = closed_form_of(case)
     if closed is not None:
         return MacCount(closed, {"closed form": closed}), "closed form"
     return None, "not counted: no meta trace and no closed form"
+
+
+def macs_of(case: Case) -> tuple[MacCount | None, str]:
+    """The case's MACs and how they were counted: :func:`macs_without_running`, else (a CPU
+    case) fvcore on one real forward, which the isolated runner does inside the case's bound."""
+    counted = macs_without_running(case)
+    if counted is not None:
+        return counted
+    module = build_attention(case.spec, case.dim, case.heads)
+    return count_macs(module, torch.randn(case.batch, case.height, case.width, case.dim)), "fvcore, one forward"
 
 
 def make_step(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], Any]:
@@ -184,14 +193,16 @@ def _call_seconds(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None) -> Result:
+def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None,
+             macs: tuple[MacCount | None, str] | None = None) -> Result:
     """Measure one case here and now. Raises on a bad case or a failure; the isolated
-    runner turns those into statuses."""
+    runner turns those into statuses. ``macs``: the count and its method, where the caller
+    has counted them already (the isolated runner counts once, in the parent)."""
     check_case(case)
     device = check_device(case.device, case.dtype)
     if case.threads:
         torch.set_num_threads(case.threads)
-    macs, macs_method = macs_of(case)
+    macs, macs_method = macs if macs is not None else macs_of(case)
     module, x = build_case(case)
     if case.compile:
         module = torch.compile(module)

@@ -22,7 +22,7 @@ import traceback
 from typing import Any
 
 from ..attention import load_plugins
-from .case import Case, Result, closed_form_of, estimate_peak_bytes, result_for, run_case
+from .case import Case, Result, closed_form_of, estimate_peak_bytes, macs_without_running, result_for, run_case
 from .device import bound_memory, free_memory_bytes, is_oom, resolve, use
 from .preload import PLUGINS_ENV
 
@@ -64,22 +64,37 @@ def _die_with(pid: int) -> None:
 
 
 def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...],
-           parent_pid: int) -> None:
+           parent_pid: int, macs: tuple | None = None) -> None:
     _die_with(parent_pid)
+    conn.send(measure_here(case, mem_limit, budget_s, gemm_gflops, plugins, macs))
+    conn.close()
+
+
+def measure_here(case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...],
+                 macs: tuple | None = None) -> tuple[str, Any]:
+    """What a case's process does: plugins, device, memory bound, the measurement; the answer
+    ("ok", record) or (status, message) for the parent, which writes the record."""
     try:
         load_plugins(plugins)  # already loaded when the forkserver preloaded them
         device = resolve(case.device)
         use(device)  # events, streams and scratch on the case's own GPU, not GPU 0
         bound_memory(device, mem_limit)
-        answer = ("ok", run_case(case, budget_s=budget_s, gemm_gflops=gemm_gflops).to_dict())
+        return "ok", run_case(case, budget_s=budget_s, gemm_gflops=gemm_gflops, macs=macs).to_dict()
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
         message = f"{type(exc).__name__}: {exc}".strip()
         oom = is_oom(exc)
         detail = message if oom else message + "\n" + traceback.format_exc(limit=-3)
         # the parent writes the record: this process may lack what it takes (a plugin that failed here)
-        answer = ("oom" if oom else "error", detail[-2000:])
-    conn.send(answer)
-    conn.close()
+        return ("oom" if oom else "error", detail[-2000:])
+
+
+def _count_once(case: Case) -> tuple | None:
+    """The case's MACs counted here, in the parent, once for all its processes, where that
+    needs no real forward; None leaves it to the case's process (a CPU forward, in its bound)."""
+    try:
+        return macs_without_running(case)
+    except Exception:  # noqa: BLE001 - the case's own process will count, or report why not
+        return None
 
 
 def _failed(case: Case, status: str, error: str) -> Result:
@@ -131,8 +146,9 @@ def run_isolated(
             f"the memory bound of {mem_limit / 2**30:.1f} GiB",
         )
     results = []
+    macs = _count_once(case)
     for _ in range(repeat):
-        result = _run_in_child(case, mem_limit, timeout_s, budget_s, gemm_gflops, tuple(plugins))
+        result = _run_in_child(case, mem_limit, timeout_s, budget_s, gemm_gflops, tuple(plugins), macs)
         if result.status != "ok":
             return result
         results.append(result)
@@ -144,10 +160,10 @@ def run_isolated(
 
 
 def _run_in_child(case: Case, mem_limit: int, timeout_s: float, budget_s: float, gemm_gflops: float | None,
-                  plugins: tuple[str, ...]) -> Result:
+                  plugins: tuple[str, ...], macs: tuple | None = None) -> Result:
     ctx = _context(plugins)
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, case, mem_limit, budget_s, gemm_gflops, plugins, os.getpid()),
+    proc = ctx.Process(target=_child, args=(child, case, mem_limit, budget_s, gemm_gflops, plugins, os.getpid(), macs),
                        daemon=True)
     proc.start()
     child.close()
