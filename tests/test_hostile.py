@@ -214,11 +214,13 @@ def test_viz_never_replaces_a_figure_unasked(tmp_path, monkeypatch):
 
 def test_resume_retries_failed_cases_when_asked_and_keeps_their_old_records(tmp_path):
     out = tmp_path / "o"
-    result = bench("run", *TINY, "--out", out, "--mem-limit", "1MiB")  # every allocation fails: oom
-    assert result.exit_code == 0 and "oom" in result.output
-    result = bench("run", *TINY, "--out", out, "--resume")  # a plain resume keeps what is recorded
+    CASE = ["-r", "256", "-m", "full", "--dim", "16", "--budget", "0.02", "--device", "cpu"]  # 64 x 64 tokens
+    # 1 MiB over what the case's process holds: its 4 x 256 KiB q, k, v and output cannot all fit
+    result = bench("run", *CASE, "--out", out, "--mem-limit", "1MiB")
+    assert result.exit_code == 0 and "oom" in result.output, result.output
+    result = bench("run", *CASE, "--out", out, "--resume")  # a plain resume keeps what is recorded
     assert "1 cases (1 already done)" in result.output
-    result = bench("run", *TINY, "--out", out, "--resume", "--retry-failed")
+    result = bench("run", *CASE, "--out", out, "--resume", "--retry-failed")
     assert result.exit_code == 0, result.output
     assert "measuring 1 failed cases again" in result.output
     import json as json_module
@@ -226,7 +228,7 @@ def test_resume_retries_failed_cases_when_asked_and_keeps_their_old_records(tmp_
     (record,) = [json_module.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     (old,) = [json_module.loads(line) for line in (out / "results.retried.jsonl").read_text().splitlines()]
     assert record["status"] == "ok" and old["status"] == "oom"
-    assert bench("run", *TINY, "--out", out, "--retry-failed").exit_code == 2  # needs --resume
+    assert bench("run", *CASE, "--out", out, "--retry-failed").exit_code == 2  # needs --resume
 
 
 def test_resume_takes_reordered_methods_and_names_the_option_that_differs(tmp_path):
