@@ -1,7 +1,8 @@
 """attnbench: what attention mechanisms for vision transformers cost, and what they attend to.
 
 The zoo's API is importable from here (``from attnbench import AttentionBase,
-register_attention, Param``); it is loaded on first use, so that the torch-free parts
+register_attention, Param``), and so are the backbones (``build_model``, ``list_models``);
+they are loaded on first use, so that the torch-free parts
 (result schema, reports, the perf gate) start without importing torch.
 """
 
@@ -15,7 +16,8 @@ _ZOO = (
     "AttentionBase", "AttentionMap", "Mark", "Param", "Shape", "build_attention", "format_spec", "list_attentions",
     "load_plugins", "parse_spec", "register_attention",
 )
-__all__ = list(_ZOO)
+_BACKBONES = ("build_model", "list_models", "register_model")
+__all__ = list(_ZOO + _BACKBONES)
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from . import attention
 
         return getattr(attention, name)
+    if name in _BACKBONES:
+        from . import backbones
+
+        return getattr(backbones, name)
     raise AttributeError(f"module 'attnbench' has no attribute {name!r}")

@@ -398,3 +398,17 @@ def test_sra_state_dict_keys_are_pvt_v2s():
         "proj.weight", "proj.bias"}
     assert set(build_attention("sra:sr_ratio=1", DIM, HEADS).state_dict()) == {
         "q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight", "proj.bias"}
+
+
+@pytest.mark.parametrize("H,W", [(8, 8), (5, 7)])
+def test_a_map_that_is_one_window_is_not_shifted(H, W):
+    """Swin (and timm) drop the shift where the map fits in one window: rolling it would only
+    cut the window into regions that may not see each other."""
+    torch.manual_seed(0)
+    shifted = build_attention("window", DIM, HEADS, window_size=8, shift=4)
+    plain = build_attention("window", DIM, HEADS, window_size=8, shift=0)
+    plain.load_state_dict(shifted.state_dict())
+    x = rand_x(H, W, B=1)
+    torch.testing.assert_close(shifted(x), plain(x), atol=1e-6, rtol=1e-5)
+    larger = rand_x(16, 16, B=1)  # where there are windows to shift, the shift matters
+    assert not torch.allclose(shifted(larger), plain(larger))

@@ -76,7 +76,8 @@ class WindowAttention(GroupedAttention):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def build_branches(self, H: int, W: int) -> list[tuple[slice, GroupLayout]]:
-        M, s = self.window_size, self.shift
+        M = self.window_size
+        s = self.shift if H > M or W > M else 0  # a map that is one window has nothing to shift (Swin, timm)
         Hp, Wp = round_up(H, M), round_up(W, M)
         ids = padded_token_ids(H, W, Hp, Wp)
         blocked = None

@@ -1,0 +1,5 @@
+"""Whole networks built from the zoo's mechanisms: BiFormer, Swin and the STL network, by name."""
+
+from .registry import ModelInfo, build_model, list_models, model_info, register_model
+
+__all__ = ["ModelInfo", "build_model", "list_models", "model_info", "register_model"]
