@@ -113,6 +113,15 @@ def list_command(plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_
     for p in PRESETS.values():
         presets.add_row(p.name, escape(p.description))
     console.print(presets)
+    from .backbones import list_models
+
+    models = Table(title="models (attnbench.build_model(NAME); stl:SPEC is the STL network with any mechanism)")
+    for col in ("name", "description", "parameters", "GMACs at 224", "reproduces"):
+        models.add_column(col, style="bold" if col == "name" else None)
+    for m in list_models():
+        models.add_row(m.name, escape(m.description), f"{m.params:,}" if m.params else "-",
+                       f"{m.macs_224 / 1e9:.3f}" if m.macs_224 else "-", escape(m.reference))
+    console.print(models)
 
 
 def split_methods(values: list[str]) -> list[str]:

@@ -32,7 +32,7 @@ def test_list_shows_the_mechanisms_and_the_presets():
     result = run("list")
     assert result.exit_code == 0
     for name in ("full", "window", "axial", "dilated", "neighborhood", "deformable", "sra", "bra", "window_size", "topk",
-                 "bra-grid", "ci"):
+                 "bra-grid", "ci", "biformer_t", "swin_b", "biformer_stl", "stl:SPEC", "13,142,760"):
         assert name in result.output
 
 
