@@ -571,11 +571,13 @@ def fidelity_command(
     image: list[Path] = typer.Option(None, "--image", help="a JPEG or PNG, or a folder of them; repeatable"),
     images: Optional[str] = typer.Option(None, "--images", help="sample: grace_hopper.jpg and scikit-image's photographs (the default when no --image is given)"),
     weights: list[str] = typer.Option(None, "--weights", help="content (identity projections, the default) or random (the control); repeatable"),
-    checkpoint: Optional[Path] = typer.Option(None, help="trained attention weights (a BiFormer BRA or Swin window-attention state dict): the mechanisms it fits are measured with them"),
-    resolution: int = typer.Option(512, help="each image's centre square is resized to this side in pixels"),
-    stride: int = typer.Option(16, help="pixels per token: the grid is resolution / stride tokens a side"),
-    dim: int = typer.Option(64, help="token channels"),
-    heads: int = typer.Option(2, help="attention heads"),
+    checkpoint: Optional[Path] = typer.Option(None, help="trained attention weights (a BiFormer BRA or Swin window-attention state dict): the mechanisms it fits are measured with them; with --model, the model's state dict"),
+    model: Optional[str] = typer.Option(None, "--model", help="a backbone (bench list): the tokens are its features at the input of --stage's first attention, and that attention is measured too (weights 'network')"),
+    stage: int = typer.Option(1, help="with --model: the stage (1-4) whose features are the tokens"),
+    resolution: Optional[int] = typer.Option(None, help="each image's centre square is resized to this side in pixels (default 512; 224 with --model)"),
+    stride: Optional[int] = typer.Option(None, help="pixels per token: the grid is resolution / stride tokens a side (default 16; with --model, the stage's)"),
+    dim: Optional[int] = typer.Option(None, help="token channels (default 64; with --model, the stage's)"),
+    heads: Optional[int] = typer.Option(None, help="attention heads (default 2; with --model, the stage's)"),
     queries: int = typer.Option(4096, help="at most this many queries per image (a seeded sample beyond it)"),
     results: Optional[Path] = typer.Option(None, help="a bench run folder on the same token grid: adds mass kept against latency"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: results/fidelity, or the next free results/fidelity-2, ...)"),
@@ -595,10 +597,18 @@ def fidelity_command(
     from .report.viz import load_checkpoint
 
     load_plugin_options(plugin)
+    network = None
     try:
-        settings = fd.Settings(resolution, stride, dim, heads, queries)
+        if model is not None:
+            given = [f"--{name}" for name, value in (("stride", stride), ("dim", dim), ("heads", heads)) if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: with --model the stage sets the token grid, channels and heads")
+            network = fd.network_for(model, stage, load_state_dict_file(checkpoint) if checkpoint else None)
+            resolution = resolution or 224
+            stride, dim, heads = network.reduction, network.block.norm1.normalized_shape[0], network.block.attn.num_heads
+        settings = fd.Settings(resolution or 512, stride or 16, dim or 64, heads or 2, queries)
         settings.check()
-        kinds = list(dict.fromkeys(weights or ([] if checkpoint else ["content"])))
+        kinds = list(dict.fromkeys(weights or ([] if checkpoint or network else ["content"])))
         for kind in kinds:
             if kind not in fd.WEIGHT_KINDS:
                 raise ValueError(f"unknown --weights '{kind}'; use {' or '.join(fd.WEIGHT_KINDS)}")
@@ -621,7 +631,9 @@ def fidelity_command(
         specs, notes = fd.check_specs(split_methods(methods) if methods else fd.default_specs(), settings,
                                       required=bool(methods))
         state = None
-        if checkpoint:
+        if network is not None:
+            kinds.append("network")
+        elif checkpoint:
             state = load_checkpoint(checkpoint)
             fitting = [s for s in specs if fd.build(s, "checkpoint", settings, state) is not None]
             if not fitting:
@@ -638,7 +650,8 @@ def fidelity_command(
     out.mkdir(parents=True, exist_ok=True)
     about = {"command": command_line(ctx), "machine": cpu_model(), "torch": torch.__version__,
              "commit": git_commit(), "images": [str(p) for p in paths], "results": str(results) if results else None,
-             "checkpoint": str(checkpoint) if checkpoint else None}
+             "checkpoint": str(checkpoint) if checkpoint else None,
+             "tokens": f"{model} stage {stage} features" if network else "image statistics (bench viz's content tokens)"}
     (out / "fidelity.json").write_text(json.dumps(about, indent=2) + "\n")
     total = len(paths) * len(kinds) * len(specs)
     with open(out / "fidelity.csv", "w", newline="") as f, Progress(
@@ -656,7 +669,7 @@ def fidelity_command(
             progress.update(task, description=escape(what), advance=1)
 
         try:
-            fd.run(specs, paths, kinds, settings, checkpoint=state, on_row=written, on_step=step)
+            fd.run(specs, paths, kinds, settings, checkpoint=state, network=network, on_row=written, on_step=step)
         except ValueError as exc:
             fail(str(exc))
     try:
@@ -680,6 +693,23 @@ def command_line(ctx: typer.Context) -> str:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             parts += [flag] if v is True else [flag, str(v)]
     return shlex.join(parts)
+
+
+def load_state_dict_file(path: Path) -> dict:
+    """A model's state dict from a file (under 'model' or 'state_dict' where it is wrapped)."""
+    import torch
+
+    if not path.is_file():
+        raise ValueError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
+        raise ValueError(f"checkpoint '{path}' cannot be loaded: {exc}") from None
+    if isinstance(state, dict):
+        state = state.get("model", state.get("state_dict", state))
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint '{path}' holds no state dict")
+    return state
 
 
 def write_fidelity_reports(out: Path, records: list[dict] | None, svg: bool = False) -> list[Path]:

@@ -32,6 +32,7 @@ from .attention import AttentionBase, AttentionMap, build_attention, canonical, 
 
 METRICS = ("keys_fraction", "mass_kept", "output_error")
 WEIGHT_KINDS = ("content", "random")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TOPKS = (1, 2, 4, 8, 16)  # the routed-region counts the default set sweeps, at n_win 8
 
 
@@ -199,18 +200,101 @@ def image_names(paths: list[Path]) -> list[str]:
     return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
 
 
+class _Captured(Exception):
+    """Raised by the feature hook: the rest of the network need not run."""
+
+
+@dataclass
+class Network:
+    """A backbone whose features at the input of one block's attention are the tokens, and
+    whose own attention there is measured too (weights kind ``network``)."""
+
+    name: str
+    stage: int  # 1-4
+    model: torch.nn.Module
+
+    @property
+    def block(self) -> torch.nn.Module:
+        return self.model.stage_blocks(self.stage - 1)[0]
+
+    @property
+    def spec(self) -> str:
+        return self.block.attn_spec
+
+    @property
+    def reduction(self) -> int:
+        return 4 * 2 ** (self.stage - 1)  # every backbone here: a stride-4 stem, then 2x per stage
+
+    def features(self, picture) -> Tensor:
+        """(1, h, w, C) float64: the stage's first block's attention input (after its norm)
+        for an RGB picture in [0, 1], normalised as ImageNet models expect."""
+        x = torch.from_numpy(picture).permute(2, 0, 1)[None].double()
+        x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        captured: list[Tensor] = []
+
+        def hook(module, inputs, output):
+            captured.append(output.detach())
+            raise _Captured
+
+        handle = self.block.norm1.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                self.model(x)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+def network_for(name: str, stage: int, state: dict | None) -> Network:
+    """The backbone ``name`` (with ``state`` loaded, strictly) in float64; ValueErrors name what does not fit."""
+    from .backbones import build_model
+
+    model = build_model(name).eval()
+    if not 1 <= stage <= 4:
+        raise ValueError(f"--stage {stage} is out of range; a backbone has stages 1..4")
+    if state is not None:
+        missing, unexpected = (sorted(x) for x in (set(model.state_dict()) - set(state), set(state) - set(model.state_dict())))
+        if missing or unexpected:
+            raise ValueError(f"the checkpoint does not fit {name}: missing {', '.join(missing[:3]) or 'nothing'}"
+                             f"{', ...' if len(missing) > 3 else ''}; unexpected {', '.join(unexpected[:3]) or 'nothing'}"
+                             f"{', ...' if len(unexpected) > 3 else ''}")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"the checkpoint does not fit {name}: {str(exc).splitlines()[-1].strip()}") from None
+    network = Network(name, stage, model.double())
+    if network.spec is None or not isinstance(network.block.attn, AttentionBase):
+        raise ValueError(f"stage {stage} of {name} is global attention with LePE, not a zoo mechanism whose pattern "
+                         "could be measured; choose another --stage")
+    return network
+
+
 def run(specs: list[str], images: list[Path], kinds: list[str], settings: Settings, *,
-        checkpoint: dict | None = None, on_row: Callable[[dict], None] = lambda r: None,
-        on_step: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """Every (image, weights, mechanism), each row handed to ``on_row`` as it finishes."""
+        checkpoint: dict | None = None, network: Network | None = None,
+        on_row: Callable[[dict], None] = lambda r: None, on_step: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Every (image, weights, mechanism), each row handed to ``on_row`` as it finishes. With
+    a ``network``, the tokens are its features and kind ``network`` is its own attention."""
     from .report.content import content_tokens, load_square
 
     rows = []
     queries = query_positions(settings.grid, settings.max_queries, settings.seed)
     for path, name in zip(images, image_names(images)):
         picture = load_square(path, settings.resolution)
-        tokens = content_tokens(picture, settings.stride, settings.dim).double()
+        if network is not None:
+            tokens = network.features(picture)
+            if tuple(tokens.shape[1:3]) != settings.grid:
+                raise ValueError(f"{network.name}'s stage {network.stage} gives a {tokens.shape[1]}x{tokens.shape[2]} map "
+                                 f"at {settings.resolution} px, not {settings.grid[0]}x{settings.grid[1]}")
+        else:
+            tokens = content_tokens(picture, settings.stride, settings.dim).double()
         for kind in kinds:
+            if kind == "network":
+                on_step(f"{name}: {network.spec} ({network.name} stage {network.stage})")
+                rows.append(row(network.spec, kind, name, settings, measure(network.block.attn, tokens, queries)))
+                on_row(rows[-1])
+                continue
             for spec in specs:
                 on_step(f"{name}: {spec} ({kind})")
                 module = build(spec, kind, settings, checkpoint)

@@ -308,3 +308,63 @@ def test_results_on_another_grid_exit_2(tiny_run, tmp_path):
     result = bench("fidelity", "--resolution", "64", "--stride", "16", "--dim", "16", "--heads", "2", "--image",
                    str(sample_image_path()), "--methods", "full", "--results", about["results"], "--out", str(tmp_path / "f"))
     assert result.exit_code == 2 and "no measured case on the fidelity grid" in " ".join(result.output.split())
+
+
+# -- a backbone's features as the tokens ------------------------------------------------------
+
+def test_network_features_are_the_blocks_attention_input():
+    from attnbench.backbones import build_model
+
+    network = fd.network_for("biformer_t", 2, build_model("biformer_t").state_dict())
+    picture = load_square(sample_image_path(), 64)
+    seen = []
+    handle = network.block.norm1.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        features = network.features(picture)  # its own hook stops the forward there
+    finally:
+        handle.remove()
+    assert features.shape == (1, 8, 8, 128) and features.dtype == torch.float64
+    torch.testing.assert_close(features, seen[0])
+    assert network.spec == "bra:n_win=7,topk=4,side_dwconv=5" and network.reduction == 8
+
+
+def test_fidelity_on_a_backbones_features(tmp_path):
+    from attnbench.backbones import build_model
+
+    ckpt = tmp_path / "biformer_t.pth"
+    torch.save({"model": build_model("biformer_t").state_dict()}, ckpt)
+    out = tmp_path / "fid"
+    result = bench("fidelity", "--model", "biformer_t", "--checkpoint", str(ckpt), "--resolution", "64",
+                   "--image", str(sample_image_path()), "-m", "window:window_size=4", "--weights", "content",
+                   "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "fidelity.csv").open()))
+    assert [(r["weights"], r["label"]) for r in rows] == [("content", "window:window_size=4"),
+                                                         ("network", "bra:n_win=7,topk=1,side_dwconv=5")]
+    assert {(r["height"], r["width"], r["dim"], r["heads"], r["stride"]) for r in rows} == {("16", "16", "64", "2", "4")}
+    network = rows[1]
+    # topk 1: one region of 3x3 tokens (16x16 padded to 21x21 for n_win 7), its padding not counted
+    assert 0 < float(network["keys_fraction"]) <= 9 / 256 + 1e-12
+    assert "biformer_t stage 1 features" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "resnet"], "unknown model 'resnet'"),
+    (["--model", "biformer_t", "--dim", "32"], "--dim: with --model the stage sets"),
+    (["--model", "biformer_t", "--stage", "4"], "global attention with LePE"),
+    (["--model", "biformer_t", "--stage", "5"], "--stage 5 is out of range"),
+])
+def test_bad_backbone_options_exit_2(tmp_path, args, words):
+    result = bench("fidelity", "--image", str(sample_image_path()), "--resolution", "64", "--out", str(tmp_path / "f"), *args)
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split())
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    from attnbench.backbones import build_model
+
+    ckpt = tmp_path / "swin.pth"
+    torch.save(build_model("swin_t").state_dict(), ckpt)
+    result = bench("fidelity", "--model", "biformer_t", "--checkpoint", str(ckpt), "--image", str(sample_image_path()),
+                   "--resolution", "64", "--out", str(tmp_path / "f"))
+    assert result.exit_code == 2 and "does not fit biformer_t" in " ".join(result.output.split())

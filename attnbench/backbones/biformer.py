@@ -35,14 +35,18 @@ class BiFormer(nn.Module):
             [stem] + [nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], 3, 2, 1), nn.BatchNorm2d(dims[i + 1])) for i in range(3)])
         self.stages = nn.ModuleList()
         for i, (depth, dim) in enumerate(zip(depths, dims)):
+            spec = None if i == 3 else f"bra:n_win={n_win},topk={topks[i]},side_dwconv={side_dwconv}"
+
             def attention() -> nn.Module:
-                if i == 3:
-                    return LePEAttention(dim, 8, side_dwconv)
-                return build_attention(f"bra:n_win={n_win},topk={topks[i]},side_dwconv={side_dwconv}", dim, dim // head_dim)
-            self.stages.append(nn.Sequential(*[Block(dim, attention(), mlp_ratio, pos_conv=3, mlp_slot=True)
+                return LePEAttention(dim, 8, side_dwconv) if spec is None else build_attention(spec, dim, dim // head_dim)
+            self.stages.append(nn.Sequential(*[Block(dim, attention(), mlp_ratio, pos_conv=3, mlp_slot=True, attn_spec=spec)
                                                for _ in range(depth)]))
         self.norm = nn.BatchNorm2d(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes)
+
+    def stage_blocks(self, stage: int) -> list[nn.Module]:
+        """The blocks of stage ``stage`` (0-3), each with ``norm1``, ``attn`` and ``attn_spec``."""
+        return list(self.stages[stage])
 
     def forward(self, x: Tensor) -> Tensor:
         x = run_stages(x, self.downsample_layers, self.stages)

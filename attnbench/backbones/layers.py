@@ -43,8 +43,9 @@ class Block(nn.Module):
     LayerNorm eps 1e-6, as BiFormer ("important to avoid attention collapsing")."""
 
     def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, pos_conv: int = 0, mlp_slot: bool = False,
-                 norm_eps: float = 1e-6) -> None:
+                 norm_eps: float = 1e-6, attn_spec: str | None = None) -> None:
         super().__init__()
+        self.attn_spec = attn_spec  # the zoo spec the attention was built from (None: not a zoo mechanism)
         self.pos_embed = nn.Conv2d(dim, dim, pos_conv, padding=pos_conv // 2, groups=dim) if pos_conv else None
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = attn

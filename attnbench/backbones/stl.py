@@ -64,18 +64,23 @@ class STLNetwork(nn.Module):
             [stem] + [nn.Sequential(nn.BatchNorm2d(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, 2)) for i in range(3)])
         self.stages = nn.ModuleList()
         for i, (depth, dim) in enumerate(zip(depths, dims)):
+            specs = block_specs(spec, i, depth) if i < 3 else [None] * depth
             if i < 3:
                 try:
-                    attns = [build_attention(s, dim, dim // head_dim) for s in block_specs(spec, i, depth)]
+                    attns = [build_attention(s, dim, dim // head_dim) for s in specs]
                 except ValueError as exc:
                     raise ValueError(f"stage {i + 1} of the STL network (dim {dim}, {dim // head_dim} heads of "
                                      f"{head_dim}) cannot take {spec}: {exc}; head_dim is an override "
                                      "(e.g. head_dim=48)") from None
             else:
                 attns = [LePEAttention(dim, 8, side_dwconv) for _ in range(depth)]
-            self.stages.append(_Stage([Block(dim, a, mlp_ratio) for a in attns]))
+            self.stages.append(_Stage([Block(dim, a, mlp_ratio, attn_spec=s) for a, s in zip(attns, specs)]))
         self.norm = nn.BatchNorm2d(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes)
+
+    def stage_blocks(self, stage: int) -> list[nn.Module]:
+        """The blocks of stage ``stage`` (0-3), each with ``norm1``, ``attn`` and ``attn_spec``."""
+        return list(self.stages[stage].blocks)
 
     def forward(self, x: Tensor) -> Tensor:
         x = run_stages(x, self.downsample_layers, self.stages)

@@ -64,7 +64,8 @@ class SwinBlock(nn.Module):
     def __init__(self, dim: int, heads: int, window: int, shift: int, mlp_ratio: float = 4) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = build_attention(f"window:window_size={window},shift={shift}", dim, heads)
+        self.attn_spec = f"window:window_size={window},shift={shift}"
+        self.attn = build_attention(self.attn_spec, dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
 
@@ -102,6 +103,10 @@ class Swin(nn.Module):
                                       for i in range(4)])
         self.norm = nn.LayerNorm(dims[-1])
         self.head = ClassifierHead(dims[-1], num_classes)
+
+    def stage_blocks(self, stage: int) -> list[nn.Module]:
+        """The blocks of stage ``stage`` (0-3), each with ``norm1``, ``attn`` and ``attn_spec``."""
+        return list(self.layers[stage].blocks)
 
     def forward(self, x: Tensor) -> Tensor:
         check_images(x)

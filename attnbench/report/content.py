@@ -59,8 +59,10 @@ def images_in(path: Path | str) -> list[Path]:
         if not found:
             raise ValueError(f"folder '{path}' holds no image (looked for {', '.join(IMAGE_SUFFIXES)})")
         return found
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"image '{path}' does not exist")
+    if not path.is_file():
+        raise ValueError(f"image '{path}' is not a file or a folder")
     return [path]
 
 

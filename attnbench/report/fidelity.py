@@ -27,9 +27,10 @@ COLUMNS = ["mechanism", "params", "image"] + [f"{m}{s}" for m in METRICS for s i
           ["weights", "label", "resolution", "stride", "height", "width", "dim", "heads", "queries"]
 SETTING = ("resolution", "stride", "height", "width", "dim", "heads")
 WEIGHTS_TEXT = {
-    "content": "content tokens, identity projections (a proxy for trained weights)",
-    "random": "content tokens, random projections (the control)",
-    "checkpoint": "content tokens, trained attention weights",
+    "content": "identity projections (a proxy for trained weights)",
+    "random": "random projections (the control)",
+    "checkpoint": "trained attention weights from a checkpoint",
+    "network": "the network's own attention at that block (its checkpoint's weights, if one was given)",
 }
 
 
@@ -80,6 +81,7 @@ def summary_markdown(df: pd.DataFrame, about: dict[str, Any] | None = None) -> s
                  f"{first['resolution']} px; stride {first['stride']}: {first['height']}x{first['width']} tokens; "
                  f"dim {first['dim']}, {first['heads']} heads; {first['queries']} queries per image"
                  f"{' (all)' if int(first['queries']) == int(first['height']) * int(first['width']) else ' (a seeded sample)'}.")
+    lines.append(f"Tokens: {about.get('tokens', 'image statistics')}.")
     if about:
         lines.append(f"Run on {about.get('machine', '?')}, torch {about.get('torch', '?')}, attnbench commit "
                      f"{about.get('commit', '?')}: `{about.get('command', '')}`.")
@@ -97,9 +99,9 @@ def summary_markdown(df: pd.DataFrame, about: dict[str, Any] | None = None) -> s
               "|o_pattern - o_full| / |o_full| before the output projection. A pattern that picked its keys blind to "
               "content would keep about its key share (ratio 1).", ""]
     if "content" in set(df["weights"]):
-        lines += ["The content weights are a proxy: tokens are per-patch image statistics and attention follows their "
-                  "similarity, not what a trained network attends to. They rank how well each pattern's support covers "
-                  "content-similar tokens; they do not measure a trained model's accuracy.", ""]
+        lines += ["The content weights are a proxy: with identity projections attention follows the similarity of the "
+                  "tokens themselves, not what a trained network attends to. They rank how well each pattern's support "
+                  "covers similar tokens; they do not measure a trained model's accuracy.", ""]
     return "\n".join(lines)
 
 
