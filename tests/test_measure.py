@@ -365,3 +365,16 @@ def test_compile_time_is_reported_apart_from_latency():
     assert r.latency_ms < r.compile_s * 1e3 / 5  # and the latency does not include it
     plain = run_case(Case("window:window_size=4", 64, dim=32), budget_s=0.05)
     assert plain.compile_s is None and plain.macs == r.macs
+
+
+def test_stage_labels_run_only_under_the_profiler():
+    """A label (record_function) in every timed call costs time; bench profile needs them."""
+    from contextlib import nullcontext
+
+    from torch.profiler import profile, record_function
+
+    from attnbench.attention.base import stage
+
+    assert isinstance(stage("attention"), nullcontext)
+    with profile():
+        assert isinstance(stage("attention"), record_function)
