@@ -349,44 +349,42 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
                 done -= {key_of(r) for r in retried}
     except ValueError as exc:
         fail(str(exc))
-    if threads:
-        import torch
+    from .measure.case import torch_threads
 
-        torch.set_num_threads(threads)
-    env = environment(device)
-    console.print(f"calibrating: dense GEMM in {dtype} on {env['device_name']} ...")
-    env["gemm_gflops"] = gemm_gflops(device, DTYPES[dtype])
-    env["mem_limit_bytes"] = bound
-    store.start(config, env)
-    todo = [c for c in cases if case_key(c) not in done]
-    console.print(
-        f"{len(cases)} cases ({len(cases) - len(todo)} already done) -> {folder}  "
-        f"[GEMM {env['gemm_gflops']:.0f} GFLOP/s, {env['threads']} threads]"
-    )
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    finished = 0
-    with interrupts_as_keyboard_interrupt() as received:
-        try:
-            with Progress(*columns, console=console, transient=False) as progress:
-                task = progress.add_task("starting", total=len(todo))
-                for case in todo:
-                    progress.update(task, description=f"{case.spec} @ {case.resolution}px")
-                    result = run_isolated(case, mem_limit_bytes=bound, timeout_s=timeout, budget_s=budget,
-                                          gemm_gflops=env["gemm_gflops"], plugins=tuple(plugins), repeat=repeat)
-                    store.append(result)
-                    finished += 1
-                    if result.status != "ok":
-                        progress.console.print(f"  {escape(case.spec)} @ {case.resolution}px: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
-                    progress.advance(task)
-        except KeyboardInterrupt:  # the running case's process is killed on the way out (run_isolated)
-            console.print(f"[yellow]interrupted ({received[0] if received else 'SIGINT'})[/]: {finished} of {len(todo)} "
-                          f"cases finished and kept in {store.jsonl}; continue with the same command plus "
-                          f"--resume --out {folder}")
-            raise typer.Exit(143 if received and received[0] == "SIGTERM" else 130) from None
-    written = write_reports(store)
-    console.print(_results_table(store.records(), f"{folder} ({device}, {dtype}, {mode})"))
-    console.print("wrote " + ", ".join(p.name for p in [store.jsonl, store.csv, store.env_path, *written]))
-
+    with torch_threads(threads):  # the calibration's; each case sets its own; restored however the run ends
+        env = environment(device)
+        console.print(f"calibrating: dense GEMM in {dtype} on {env['device_name']} ...")
+        env["gemm_gflops"] = gemm_gflops(device, DTYPES[dtype])
+        env["mem_limit_bytes"] = bound
+        store.start(config, env)
+        todo = [c for c in cases if case_key(c) not in done]
+        console.print(
+            f"{len(cases)} cases ({len(cases) - len(todo)} already done) -> {folder}  "
+            f"[GEMM {env['gemm_gflops']:.0f} GFLOP/s, {env['threads']} threads]"
+        )
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        finished = 0
+        with interrupts_as_keyboard_interrupt() as received:
+            try:
+                with Progress(*columns, console=console, transient=False) as progress:
+                    task = progress.add_task("starting", total=len(todo))
+                    for case in todo:
+                        progress.update(task, description=f"{case.spec} @ {case.resolution}px")
+                        result = run_isolated(case, mem_limit_bytes=bound, timeout_s=timeout, budget_s=budget,
+                                              gemm_gflops=env["gemm_gflops"], plugins=tuple(plugins), repeat=repeat)
+                        store.append(result)
+                        finished += 1
+                        if result.status != "ok":
+                            progress.console.print(f"  {escape(case.spec)} @ {case.resolution}px: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
+                        progress.advance(task)
+            except KeyboardInterrupt:  # the running case's process is killed on the way out (run_isolated)
+                console.print(f"[yellow]interrupted ({received[0] if received else 'SIGINT'})[/]: {finished} of {len(todo)} "
+                              f"cases finished and kept in {store.jsonl}; continue with the same command plus "
+                              f"--resume --out {folder}")
+                raise typer.Exit(143 if received and received[0] == "SIGTERM" else 130) from None
+        written = write_reports(store)
+        console.print(_results_table(store.records(), f"{folder} ({device}, {dtype}, {mode})"))
+        console.print("wrote " + ", ".join(p.name for p in [store.jsonl, store.csv, store.env_path, *written]))
 
 @app.command("plot")
 def plot_command(results: Path = typer.Argument(..., help="a results folder written by bench run")) -> None:

@@ -378,3 +378,10 @@ def test_stage_labels_run_only_under_the_profiler():
     assert isinstance(stage("attention"), nullcontext)
     with profile():
         assert isinstance(stage("attention"), record_function)
+
+
+def test_a_case_leaves_the_thread_count_as_it_found_it():
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    run_case(Case("window:window_size=4", 32, dim=16, threads=other), budget_s=0.01)
+    assert torch.get_num_threads() == before

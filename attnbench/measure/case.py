@@ -4,7 +4,8 @@ in the current process. :mod:`attnbench.measure.isolate` runs it in a child proc
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -193,15 +194,33 @@ def _call_seconds(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` (0: left as it is) inside the block and
+    restored after it, so that nothing measured later inherits it."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None,
              macs: tuple[MacCount | None, str] | None = None) -> Result:
-    """Measure one case here and now. Raises on a bad case or a failure; the isolated
-    runner turns those into statuses. ``macs``: the count and its method, where the caller
-    has counted them already (the isolated runner counts once, in the parent)."""
+    """Measure one case here and now, with its thread count (restored after). Raises on a bad
+    case or a failure; the isolated runner turns those into statuses. ``macs``: the count and
+    its method, where the caller has counted them already (the isolated runner counts once,
+    in the parent)."""
     check_case(case)
+    with torch_threads(case.threads):
+        return _measure(case, budget_s, gemm_gflops, macs)
+
+
+def _measure(case: Case, budget_s: float, gemm_gflops: float | None, macs: tuple[MacCount | None, str] | None) -> Result:
     device = check_device(case.device, case.dtype)
-    if case.threads:
-        torch.set_num_threads(case.threads)
     macs, macs_method = macs if macs is not None else macs_of(case)
     module, x = build_case(case)
     if case.compile:
