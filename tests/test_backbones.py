@@ -135,3 +135,29 @@ def test_bad_input_is_named(call, words):
         call()
     for w in words:
         assert w in str(err.value)
+
+
+# -- where the MACs go --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["biformer_t", "swin_t", "biformer_stl"])
+def test_the_mac_breakdown_sums_to_the_total(name):
+    from attnbench.backbones.breakdown import macs_breakdown
+
+    b = macs_breakdown(build_model(name).eval(), torch.randn(1, 3, 224, 224))
+    assert b.total == model_info(name).macs_224
+    assert sum(b.by_component.values()) == b.total
+    assert sum(sum(stage.values()) for stage in b.by_stage.values()) == b.total
+    assert set(b.by_stage) == {"1", "2", "3", "4", "head"}
+
+
+def test_the_breakdown_puts_each_part_where_the_closed_forms_say():
+    from attnbench.backbones.breakdown import macs_breakdown
+    from attnbench.measure import closed_form_macs
+
+    bif = macs_breakdown(build_model("biformer_t").eval(), torch.randn(1, 3, 224, 224))
+    # stage 1: 2 blocks on 56 x 56 tokens, dim 64, 2 heads; BRA topk 1, MLP ratio 3
+    assert bif.by_stage["1"]["attention"] == 2 * closed_form_macs("bra:n_win=7,topk=1", 1, 56, 56, 64, 2)
+    assert bif.by_stage["1"]["mlp"] == 2 * 56 * 56 * (64 * 192 * 2)
+    swin = macs_breakdown(build_model("swin_t").eval(), torch.randn(1, 3, 224, 224))
+    assert swin.by_stage["1"]["attention"] == 2 * closed_form_macs("window:window_size=7", 1, 56, 56, 96, 3)
+    assert swin.by_stage["2"]["other"] == 28 * 28 * (4 * 96) * 192  # patch merging's Linear

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import warnings
 
@@ -79,6 +80,36 @@ class MacCount:
 
 def count_macs(module: nn.Module, x: torch.Tensor) -> MacCount:
     """MACs of ``module(x)``, counted by fvcore with SDPA (all variants) added."""
+    analysis, elementwise = flop_analysis(module, x)
+    with _quiet_fvcore(), torch.no_grad():
+        by_op = {op: int(n) for op, n in analysis.by_operator().items() if n}
+        uncounted = {op.removeprefix("aten::"): int(n) for op, n in analysis.unsupported_ops().items()}
+        uncounted.update(elementwise)
+    return MacCount(int(sum(by_op.values())), by_op, uncounted)
+
+
+def macs_by_module(module: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """MACs of ``module(x)`` per submodule name (each includes its children; "" is the total)."""
+    analysis, _ = flop_analysis(module, x)
+    with _quiet_fvcore(), torch.no_grad():
+        return {name: int(n) for name, n in analysis.by_module().items()}
+
+
+@contextmanager
+def _quiet_fvcore() -> Iterator[None]:
+    """fvcore's tracer logs every op it skips; those are reported in MacCount.uncounted instead."""
+    fv_logger = logging.getLogger("fvcore.nn.jit_analysis")
+    level = fv_logger.level
+    fv_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        fv_logger.setLevel(level)
+
+
+def flop_analysis(module: nn.Module, x: torch.Tensor) -> tuple[FlopCountAnalysis, Counter[str]]:
+    """fvcore's analysis of ``module(x)`` with the SDPA handles, and the counter its
+    elementwise-op handles fill (ops seen, not counted) once it runs."""
     with torch.no_grad():
         module(x)  # build shape-dependent caches (layouts, masks) outside the trace
     elementwise: Counter[str] = Counter()
@@ -95,14 +126,4 @@ def count_macs(module: nn.Module, x: torch.Tensor) -> MacCount:
     analysis = FlopCountAnalysis(module, (x,)).set_op_handle(**handles)
     analysis._ignored_ops = set(_SHAPE_OPS)  # report every other uncounted op
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    fv_logger = logging.getLogger("fvcore.nn.jit_analysis")
-    level = fv_logger.level
-    fv_logger.setLevel(logging.ERROR)
-    try:
-        with torch.no_grad():
-            by_op = {op: int(n) for op, n in analysis.by_operator().items() if n}
-            uncounted = {op.removeprefix("aten::"): int(n) for op, n in analysis.unsupported_ops().items()}
-            uncounted.update(elementwise)
-    finally:
-        fv_logger.setLevel(level)
-    return MacCount(int(sum(by_op.values())), by_op, uncounted)
+    return analysis, elementwise
