@@ -393,13 +393,8 @@ def plot_command(results: Path = typer.Argument(..., help="a results folder writ
     store = ResultsStore(results)
     if not store.jsonl.exists() and (results / "fidelity.csv").exists():
         try:
-            about = json.loads((results / "fidelity.json").read_text()) if (results / "fidelity.json").exists() else {}
-            runs = about.get("results")
-            records = load_results(runs).records if runs and Path(runs).exists() else None
-            written = write_fidelity_reports(results, records, svg=(results / "fidelity_keys.svg").exists())
-            from .report.fidelity import read
-
-            console.print(fidelity_table(read(results)))
+            df, written = write_fidelity_reports(results, svg=(results / "fidelity_keys.svg").exists())
+            console.print(fidelity_table(df))
         except ValueError as exc:
             fail(str(exc))
         console.print("wrote " + ", ".join(p.name for p in written))
@@ -592,7 +587,7 @@ def fidelity_command(
     from .measure.env import cpu_model, git_commit
     from .report import fidelity as report
     from .report.content import image_size, images_in, sample_images
-    from .report.viz import load_checkpoint
+    from .report.viz import load_checkpoint, read_state_dict
 
     load_plugin_options(plugin)
     network = None
@@ -601,7 +596,7 @@ def fidelity_command(
             given = [f"--{name}" for name, value in (("stride", stride), ("dim", dim), ("heads", heads)) if value is not None]
             if given:
                 raise ValueError(f"{', '.join(given)}: with --model the stage sets the token grid, channels and heads")
-            network = fd.network_for(model, stage, load_state_dict_file(checkpoint) if checkpoint else None)
+            network = fd.network_for(model, stage, read_state_dict(checkpoint) if checkpoint else None)
             resolution = resolution or 224
             stride, dim, heads = network.reduction, network.block.norm1.normalized_shape[0], network.block.attn.num_heads
         settings = fd.Settings(resolution or 512, stride or 16, dim or 64, heads or 2, queries)
@@ -633,11 +628,11 @@ def fidelity_command(
             kinds.append("network")
         elif checkpoint:
             state = load_checkpoint(checkpoint)
-            fitting = [s for s in specs if fd.build(s, "checkpoint", settings, state) is not None]
-            if not fitting:
-                raise ValueError(f"checkpoint {checkpoint} fits none of the mechanisms ({', '.join(specs)}) at --dim "
-                                 f"{dim} --heads {heads}; name the mechanism it was trained for with --methods")
             kinds.append("checkpoint")
+        measurements = fd.plan(specs, kinds, settings, checkpoint=state, network=network)
+        if state is not None and not any(kind == "checkpoint" for kind, _, _ in measurements):
+            raise ValueError(f"checkpoint {checkpoint} fits none of the mechanisms ({', '.join(specs)}) at --dim "
+                             f"{dim} --heads {heads}; name the mechanism it was trained for with --methods")
         records = load_results(results).records if results else None
         if records:  # before any work: the latency plot needs cases on this grid
             report.runs_on_grid(records, *settings.grid, dim, heads)
@@ -651,7 +646,7 @@ def fidelity_command(
              "checkpoint": str(checkpoint) if checkpoint else None,
              "tokens": f"{model} stage {stage} features" if network else "image statistics (bench viz's content tokens)"}
     (out / "fidelity.json").write_text(json.dumps(about, indent=2) + "\n")
-    total = len(paths) * len(kinds) * len(specs)
+    total = len(paths) * len(measurements)
     with open(out / "fidelity.csv", "w", newline="") as f, Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, transient=True) as progress:
@@ -667,14 +662,14 @@ def fidelity_command(
             progress.update(task, description=escape(what), advance=1)
 
         try:
-            fd.run(specs, paths, kinds, settings, checkpoint=state, network=network, on_row=written, on_step=step)
+            fd.run(measurements, paths, settings, network=network, on_row=written, on_step=step)
         except ValueError as exc:
             fail(str(exc))
     try:
-        written_files = write_fidelity_reports(out, records, svg)
+        df, written_files = write_fidelity_reports(out, records, svg)
     except ValueError as exc:
         fail(str(exc))
-    console.print(fidelity_table(report.read(out)))
+    console.print(fidelity_table(df))
     console.print("wrote " + ", ".join(str(p) for p in [out / "fidelity.csv"] + written_files))
 
 
@@ -693,35 +688,22 @@ def command_line(ctx: typer.Context) -> str:
     return shlex.join(parts)
 
 
-def load_state_dict_file(path: Path) -> dict:
-    """A model's state dict from a file (under 'model' or 'state_dict' where it is wrapped)."""
-    import torch
-
-    if not path.is_file():
-        raise ValueError(f"checkpoint '{path}' does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
-        raise ValueError(f"checkpoint '{path}' cannot be loaded: {exc}") from None
-    if isinstance(state, dict):
-        state = state.get("model", state.get("state_dict", state))
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint '{path}' holds no state dict")
-    return state
-
-
-def write_fidelity_reports(out: Path, records: list[dict] | None, svg: bool = False) -> list[Path]:
-    """summary.md and the plots of a fidelity folder, from its fidelity.csv."""
+def write_fidelity_reports(out: Path, records: list[dict] | None = None, svg: bool = False):
+    """summary.md and the plots of a fidelity folder, from its fidelity.csv, and the latency
+    plot from ``records`` (by default the results its fidelity.json names, where they still
+    are); returns the rows and the files written."""
     from .report import fidelity as report
 
     df = report.read(out)
     about_path = out / "fidelity.json"
     about = json.loads(about_path.read_text()) if about_path.exists() else {}
+    if records is None and about.get("results") and Path(about["results"]).exists():
+        records = load_results(about["results"]).records
     (out / "summary.md").write_text(report.summary_markdown(df, about))
     written = [out / "summary.md"] + report.plot_mass_vs_keys(df, out, svg)
     if records:
         written += report.plot_mass_vs_latency(df, records, out, svg)
-    return written
+    return df, written
 
 
 def fidelity_table(df) -> Table:

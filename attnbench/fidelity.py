@@ -255,15 +255,14 @@ def network_for(name: str, stage: int, state: dict | None) -> Network:
     if not 1 <= stage <= 4:
         raise ValueError(f"--stage {stage} is out of range; a backbone has stages 1..4")
     if state is not None:
-        missing, unexpected = (sorted(x) for x in (set(model.state_dict()) - set(state), set(state) - set(model.state_dict())))
+        try:  # shapes that differ raise here; missing and unexpected keys come back
+            missing, unexpected = (sorted(x) for x in model.load_state_dict(state, strict=False))
+        except RuntimeError as exc:
+            raise ValueError(f"the checkpoint does not fit {name}: {str(exc).splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise ValueError(f"the checkpoint does not fit {name}: missing {', '.join(missing[:3]) or 'nothing'}"
                              f"{', ...' if len(missing) > 3 else ''}; unexpected {', '.join(unexpected[:3]) or 'nothing'}"
                              f"{', ...' if len(unexpected) > 3 else ''}")
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(f"the checkpoint does not fit {name}: {str(exc).splitlines()[-1].strip()}") from None
     network = Network(name, stage, model.double())
     if network.spec is None or not isinstance(network.block.attn, AttentionBase):
         raise ValueError(f"stage {stage} of {name} is global attention with LePE, not a zoo mechanism whose pattern "
@@ -271,11 +270,28 @@ def network_for(name: str, stage: int, state: dict | None) -> Network:
     return network
 
 
-def run(specs: list[str], images: list[Path], kinds: list[str], settings: Settings, *,
-        checkpoint: dict | None = None, network: Network | None = None,
-        on_row: Callable[[dict], None] = lambda r: None, on_step: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """Every (image, weights, mechanism), each row handed to ``on_row`` as it finishes. With
-    a ``network``, the tokens are its features and kind ``network`` is its own attention."""
+def plan(specs: list[str], kinds: list[str], settings: Settings, *, checkpoint: dict | None = None,
+         network: Network | None = None) -> list[tuple[str, str, AttentionBase]]:
+    """(weights kind, spec, module) for each measurement of an image, each module built once:
+    every spec with content and random weights, those a ``checkpoint`` fits with it, and for
+    kind ``network`` the network's own attention."""
+    out = []
+    for kind in kinds:
+        if kind == "network":
+            out.append((kind, network.spec, network.block.attn))
+            continue
+        for spec in specs:
+            module = build(spec, kind, settings, checkpoint)
+            if module is not None:
+                out.append((kind, spec, module))
+    return out
+
+
+def run(measurements: list[tuple[str, str, AttentionBase]], images: list[Path], settings: Settings, *,
+        network: Network | None = None, on_row: Callable[[dict], None] = lambda r: None,
+        on_step: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Every measurement (see :func:`plan`) on every image, each row handed to ``on_row`` as it
+    finishes. With a ``network``, the tokens are its features; else the image's statistics."""
     from .report.content import content_tokens, load_square
 
     rows = []
@@ -289,17 +305,8 @@ def run(specs: list[str], images: list[Path], kinds: list[str], settings: Settin
                                  f"at {settings.resolution} px, not {settings.grid[0]}x{settings.grid[1]}")
         else:
             tokens = content_tokens(picture, settings.stride, settings.dim).double()
-        for kind in kinds:
-            if kind == "network":
-                on_step(f"{name}: {network.spec} ({network.name} stage {network.stage})")
-                rows.append(row(network.spec, kind, name, settings, measure(network.block.attn, tokens, queries)))
-                on_row(rows[-1])
-                continue
-            for spec in specs:
-                on_step(f"{name}: {spec} ({kind})")
-                module = build(spec, kind, settings, checkpoint)
-                if module is None:
-                    continue
-                rows.append(row(spec, kind, name, settings, measure(module, tokens, queries)))
-                on_row(rows[-1])
+        for kind, spec, module in measurements:
+            on_step(f"{name}: {spec} ({kind})")
+            rows.append(row(spec, kind, name, settings, measure(module, tokens, queries)))
+            on_row(rows[-1])
     return rows

@@ -66,11 +66,11 @@ def _die_with(pid: int) -> None:
 def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...],
            parent_pid: int, macs: tuple | None = None) -> None:
     _die_with(parent_pid)
-    conn.send(measure_here(case, mem_limit, budget_s, gemm_gflops, plugins, macs))
+    conn.send(_measure_here(case, mem_limit, budget_s, gemm_gflops, plugins, macs))
     conn.close()
 
 
-def measure_here(case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...],
+def _measure_here(case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...],
                  macs: tuple | None = None) -> tuple[str, Any]:
     """What a case's process does: plugins, device, memory bound, the measurement; the answer
     ("ok", record) or (status, message) for the parent, which writes the record."""

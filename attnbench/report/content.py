@@ -69,11 +69,7 @@ def images_in(path: Path | str) -> list[Path]:
 def load_square(path: Path | str, size: int) -> np.ndarray:
     """RGB in [0, 1], (size, size, 3): the image's central square, resized. Every image then
     has the same token grid, so figures over images are over one setting."""
-    path = Path(path)
-    try:
-        img = Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"image '{path}' cannot be read as a JPEG or PNG ({exc})") from None
+    img = _open_rgb(Path(path))
     side = min(img.width, img.height)
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
@@ -99,10 +95,7 @@ def load_image(path: Path | str | None, width: int | None, stride: int) -> np.nd
     path = Path(path) if path is not None else sample_image_path()
     if not path.is_file():
         raise ValueError(f"image '{path}' does not exist or is not a file")
-    try:
-        img = Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"image '{path}' cannot be read as a JPEG or PNG ({exc})") from None
+    img = _open_rgb(path)
     if width:
         height = round(img.height * width / img.width)
         img = img.resize((width, height), Image.BICUBIC)
@@ -110,6 +103,13 @@ def load_image(path: Path | str | None, width: int | None, stride: int) -> np.nd
     if w < stride or h < stride:
         raise ValueError(f"the image ({img.width}x{img.height}) is smaller than one {stride}-pixel patch")
     return np.asarray(img.crop((0, 0, w, h)), dtype=np.float32) / 255.0
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        return Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"image '{path}' cannot be read as a JPEG or PNG ({exc})") from None
 
 
 def patch_features(image: np.ndarray, stride: int) -> np.ndarray:

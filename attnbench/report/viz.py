@@ -117,9 +117,9 @@ def _fitting_option(found: torch.Tensor, expected: torch.Tensor, dim: int, heads
     return ""
 
 
-def load_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
-    """An attention state dict (BiFormer BRA or Swin window attention); a prefix such as
-    ``blocks.0.attn.`` is stripped from the first attention block found."""
+def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
+    """A state dict from a file (under 'model' or 'state_dict' where it is wrapped); a
+    ValueError naming the file when it cannot be one."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint '{path}' does not exist")
@@ -130,6 +130,13 @@ def load_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
     state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint '{path}' holds no state dict")
+    return state
+
+
+def load_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
+    """An attention state dict (BiFormer BRA or Swin window attention); a prefix such as
+    ``blocks.0.attn.`` is stripped from the first attention block found."""
+    state = read_state_dict(path)
     for anchor in ("qkv.qkv.weight", "qkv.weight"):
         hits = sorted(k for k in state if k.endswith(anchor))
         if hits:
