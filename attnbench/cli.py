@@ -27,7 +27,7 @@ from .report import summary_markdown, summary_rows
 from .report.compare import compare_runs, environment_differences, gate_failed, key_differences, load_results
 from .report.table import COLUMNS
 from .schema import DTYPE_NAMES, key_of
-from .sweep import PRESETS, ResultsStore, build_cases, preset
+from .sweep import PRESETS, ModelPreset, ResultsStore, build_cases, preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="attnbench: what vision attention costs, and what it attends to.")
@@ -208,18 +208,53 @@ def interrupts_as_keyboard_interrupt():
 
 
 def write_reports(store: ResultsStore) -> list[Path]:
-    from .report.plots import plot_all
-
     records = store.records()
     env = json.loads(store.env_path.read_text()) if store.env_path.exists() else None
+    if store.models:
+        from .report import backbones
+
+        summary = backbones.summary_markdown(records, env, model_references())
+        (store.folder / "summary.md").write_text(summary)
+        return [store.folder / "summary.md"] + backbones.plot_all(records, store.folder, (env or {}).get("gemm_gflops"))
+    from .report.plots import plot_all
+
     (store.folder / "summary.md").write_text(summary_markdown(records, env))
     return [store.folder / "summary.md"] + plot_all(records, store.folder)
 
 
-def default_folder(device: str, resolutions: tuple[int, ...], resume: bool) -> Path:
-    """results/<date>-<device>-r<resolutions>; a new run takes the next free name (-2, -3,
-    ...) instead of touching an earlier run's folder, a resumed run the latest one."""
-    base = Path("results") / f"{time.strftime('%Y-%m-%d')}-{device.replace(':', '')}-r{'-'.join(map(str, resolutions))}"
+def model_references() -> dict[str, tuple[int | None, int | None, str]]:
+    """Each registered model's reference parameters and MACs at 224, for the reports."""
+    from .backbones import list_models
+
+    return {m.name: (m.params, m.macs_224, m.reference) for m in list_models()}
+
+
+def _case_name(case: Any) -> str:
+    if hasattr(case, "spec"):
+        return f"{case.spec} @ {case.resolution}px"
+    return f"{case.label} @ {case.height}x{case.width}, batch {case.batch}"
+
+
+def _models_table(records: list[dict[str, Any]], title: str) -> Table:
+    from .report.backbones import summary_rows as model_rows
+
+    rows = model_rows(records)
+    wide = console.width >= 140
+    keep = [c for c in rows[0] if wide or c in ("model", "size", "batch", "images/s", "attention % of time", "status")]
+    table = Table(title=title, caption=None if wide else "narrow terminal: all columns in summary.md")
+    for col in keep:
+        table.add_column(col, justify="left" if col in ("model", "status", "size") else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*(escape(row[c]) for c in keep))
+    return table
+
+
+def default_folder(device: str, resolutions: tuple[int, ...], resume: bool, suffix: str = "") -> Path:
+    """results/<date>-<device>-r<resolutions> (or -<suffix>, e.g. -backbones); a new run takes
+    the next free name (-2, -3, ...) instead of touching an earlier run's folder, a resumed run
+    the latest one."""
+    tail = suffix or f"r{'-'.join(map(str, resolutions))}"
+    base = Path("results") / f"{time.strftime('%Y-%m-%d')}-{device.replace(':', '')}-{tail}"
     candidates = [base] + [base.with_name(f"{base.name}-{n}") for n in range(2, 1000)]
     taken = [c for c in candidates if ResultsStore(c).exists()]
     if resume:
@@ -233,7 +268,7 @@ def run_command(
     stride: int = typer.Option(4, help="pixels per token: the token grid is resolution/stride a side (4 = a backbone's first stage)"),
     dim: int = typer.Option(64, help="channels C of the feature map (64: BiFormer-T stage 1)"),
     heads: int = typer.Option(2, help="attention heads (2: BiFormer-T stage 1)"),
-    batch: int = typer.Option(1, help="batch size"),
+    batch: Optional[int] = typer.Option(None, help="batch size (default 1; a model preset's own)"),
     dtype: str = typer.Option("float32", help=f"one of {', '.join(DTYPE_NAMES)} (the device must support it)"),
     mode: str = typer.Option("fwd", help="fwd: inference forward; fwdbwd: forward + backward"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when present, else cpu)"),
@@ -250,11 +285,21 @@ def run_command(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="with --resume: measure the cases recorded oom, timeout or error again (their old records are kept in results.retried.jsonl)"),
     force: bool = typer.Option(False, help="set the results already in --out aside (into a previous-* subfolder) and start afresh"),
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
+    model: list[str] = typer.Option(None, "--model", help="a whole network: a name from bench list, stl:SPEC (the STL network with that mechanism), NAME@key=value,... for builder overrides (biformer_t@n_win=8); repeatable"),
+    size: list[str] = typer.Option(None, "--size", help="image size HxW in pixels for --model, e.g. 800x1280; repeatable (default 224x224)"),
 ) -> None:
-    """Measure every mechanism of a preset (or --methods) at each resolution; write results, a table and plots."""
+    """Measure every mechanism of a preset (or --methods) at each resolution, or whole networks
+    (--model, --preset backbones) at each --size; write results, a table and plots."""
     from .measure import check_case
 
     plugins = load_plugin_options(plugin)
+    if model or isinstance(PRESETS.get(preset_name), ModelPreset):
+        return _run_models(model, size, preset_name, batch, dtype, mode, device, mem_limit, timeout, budget, compile_,
+                           threads, repeat, out, resume, retry_failed, force, plugins, given_layer_options=dict(
+                               resolution=resolution, methods=methods, stride=stride != 4, dim=dim != 64, heads=heads != 2))
+    if size:
+        fail("--size is for --model (whole networks); a layer's map is --resolution pixels a side")
+    batch = 1 if batch is None else batch
     try:
         if retry_failed and not resume:
             raise ValueError("--retry-failed needs --resume: it measures a run's failed cases again")
@@ -299,6 +344,76 @@ def run_command(
         _run_cases(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed)
 
 
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'800x1280' -> (800, 1280); '224' -> (224, 224)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", text)
+    if not m:
+        raise ValueError(f"--size '{text}' is not HxW in pixels; e.g. 224x224 or 800x1280")
+    height = int(m.group(1))
+    return height, int(m.group(2) or height)
+
+
+def _run_models(models, sizes, preset_name, batch, dtype, mode, device, mem_limit, timeout, budget, compile_, threads,
+                repeat, out, resume, retry_failed, force, plugins, given_layer_options) -> None:
+    """bench run for whole networks: --model at each --size, or a model preset."""
+    from .measure.model import check_model_case
+    from .sweep import build_model_cases
+
+    try:
+        wrong = [f"--{k}" for k, v in given_layer_options.items() if v]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for layer cases; a model run takes "
+                             "--model (or a model preset) with --size HxW and --batch")
+        chosen = preset(preset_name)
+        if models and isinstance(chosen, ModelPreset) and preset_name != "default":
+            raise ValueError(f"--model replaces the preset's models; give --model or --preset {preset_name}, not both")
+        device = resolve_device(device)
+        image_sizes = [parse_image_size(s) for s in sizes] if sizes else [(224, 224)]
+        if models:
+            entries = [(m, h, w, batch or 1) for m in models for h, w in image_sizes]
+        else:
+            if sizes:
+                raise ValueError(f"--size replaces nothing in the preset {preset_name} (each of its models has its "
+                                 "sizes); give --model with --size")
+            entries = [(m, h, w, batch or b) for m, h, w, b in chosen.models]
+        threads = (0 if models else chosen.threads) if threads is None else threads
+        repeat = (1 if models else chosen.repeat) if repeat is None else repeat
+        if repeat < 1:
+            raise ValueError(f"--repeat {repeat} must be >= 1")
+        fields = dict(dtype=dtype, mode=mode, device=device, compile=compile_, threads=threads)
+        cases = build_model_cases(entries, **fields)
+        for case in cases:
+            check_model_case(case)
+        bound = parse_size(mem_limit, device) if mem_limit else None
+        for name, value in (("--timeout", timeout), ("--budget", budget), ("--mem-limit", bound)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} {mem_limit if name == '--mem-limit' else value} must be more than 0")
+    except ValueError as exc:
+        fail(str(exc))
+
+    folder = out or default_folder(device, (), resume, suffix="models" if models else preset_name)
+    store = ResultsStore(folder, models=True)
+    config = {"preset": None if models else chosen.name, "models": sorted({c.label for c in cases}) if models else None,
+              "sizes": sorted({f"{c.height}x{c.width}" for c in cases}) if models else None,
+              "batch": batch, **fields}
+    if repeat > 1:
+        config["repeat"] = repeat
+    if plugins:
+        config["plugins"] = plugins
+    writing = ExitStack()
+    try:
+        writing.enter_context(store.writer())
+        foreign = [p for p in store.foreign_files() if p.name != "results.jsonl"]
+        if ResultsStore(folder).jsonl.exists() or (foreign and not store.exists()):
+            names = ", ".join(p.name for p in foreign[:5]) or "results.jsonl"
+            raise ValueError(f"{folder} holds files of another kind of run ({names}); give an empty or new --out")
+    except ValueError as exc:
+        writing.close()
+        fail(str(exc))
+    with writing:
+        _run_cases(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed)
+
+
 def config_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     """The options in which two runs' configurations differ, named; the order of --methods
     and the way a spec is written (full, full:impl=sdpa) do not count."""
@@ -325,6 +440,7 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
     measure each case not done yet, write the reports."""
     from .measure import environment, gemm_gflops, run_isolated
     from .measure.case import DTYPES, case_key
+    from .measure.model import model_case_key
 
     folder, threads, repeat = store.folder, config["threads"], config.get("repeat", 1)
     device, dtype, mode = config["device"], config["dtype"], config["mode"]
@@ -357,7 +473,8 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
         env["gemm_gflops"] = gemm_gflops(device, DTYPES[dtype])
         env["mem_limit_bytes"] = bound
         store.start(config, env)
-        todo = [c for c in cases if case_key(c) not in done]
+        key = model_case_key if store.models else case_key
+        todo = [c for c in cases if key(c) not in done]
         console.print(
             f"{len(cases)} cases ({len(cases) - len(todo)} already done) -> {folder}  "
             f"[GEMM {env['gemm_gflops']:.0f} GFLOP/s, {env['threads']} threads]"
@@ -369,13 +486,14 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
                 with Progress(*columns, console=console, transient=False) as progress:
                     task = progress.add_task("starting", total=len(todo))
                     for case in todo:
-                        progress.update(task, description=f"{case.spec} @ {case.resolution}px")
+                        name = _case_name(case)
+                        progress.update(task, description=name)
                         result = run_isolated(case, mem_limit_bytes=bound, timeout_s=timeout, budget_s=budget,
                                               gemm_gflops=env["gemm_gflops"], plugins=tuple(plugins), repeat=repeat)
                         store.append(result)
                         finished += 1
                         if result.status != "ok":
-                            progress.console.print(f"  {escape(case.spec)} @ {case.resolution}px: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
+                            progress.console.print(f"  {escape(name)}: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
                         progress.advance(task)
             except KeyboardInterrupt:  # the running case's process is killed on the way out (run_isolated)
                 console.print(f"[yellow]interrupted ({received[0] if received else 'SIGINT'})[/]: {finished} of {len(todo)} "
@@ -383,7 +501,8 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
                               f"--resume --out {folder}")
                 raise typer.Exit(143 if received and received[0] == "SIGTERM" else 130) from None
         written = write_reports(store)
-        console.print(_results_table(store.records(), f"{folder} ({device}, {dtype}, {mode})"))
+        table = _models_table if store.models else _results_table
+        console.print(table(store.records(), f"{folder} ({device}, {dtype}, {mode})"))
         console.print("wrote " + ", ".join(p.name for p in [store.jsonl, store.csv, store.env_path, *written]))
 
 @app.command("plot")
@@ -391,6 +510,8 @@ def plot_command(results: Path = typer.Argument(..., help="a results folder writ
     """Regenerate summary.md and the plots of a results folder from its results.jsonl (or
     of a `bench fidelity` folder from its fidelity.csv)."""
     store = ResultsStore(results)
+    if not store.jsonl.exists() and ResultsStore(results, models=True).jsonl.exists():
+        store = ResultsStore(results, models=True)
     if not store.jsonl.exists() and (results / "fidelity.csv").exists():
         try:
             df, written = write_fidelity_reports(results, svg=(results / "fidelity_keys.svg").exists())
@@ -400,7 +521,7 @@ def plot_command(results: Path = typer.Argument(..., help="a results folder writ
         console.print("wrote " + ", ".join(p.name for p in written))
         return
     if not store.jsonl.exists():
-        fail(f"{results} holds no results.jsonl; give a folder written by bench run")
+        fail(f"{results} holds no results.jsonl or models.jsonl; give a folder written by bench run")
     try:
         records = store.records()
     except ValueError as exc:
@@ -411,7 +532,7 @@ def plot_command(results: Path = typer.Argument(..., help="a results folder writ
         written = write_reports(store)
     except ValueError as exc:
         fail(str(exc))
-    console.print(_results_table(records, str(results)))
+    console.print((_models_table if store.models else _results_table)(records, str(results)))
     console.print("wrote " + ", ".join(p.name for p in written))
 
 
@@ -423,7 +544,7 @@ def migrate_command(results: Path = typer.Argument(..., help="a results folder w
 
     store = ResultsStore(results)
     if not store.jsonl.exists():
-        fail(f"{results} holds no results.jsonl; give a folder written by bench run")
+        fail(f"{results} holds no results.jsonl or models.jsonl; give a folder written by bench run")
     try:
         kept = store.migrate(migrate_record)
     except (ValueError, KeyError, json.JSONDecodeError) as exc:
@@ -725,7 +846,7 @@ def profile_command(
     stride: int = typer.Option(4, help="pixels per token"),
     dim: int = typer.Option(64, help="channels"),
     heads: int = typer.Option(2, help="attention heads"),
-    batch: int = typer.Option(1, help="batch size"),
+    batch: Optional[int] = typer.Option(None, help="batch size (default 1; a model preset's own)"),
     dtype: str = typer.Option("float32", help=f"one of {', '.join(DTYPE_NAMES)}"),
     mode: str = typer.Option("fwd", help="fwd or fwdbwd (the backward shows as 'other')"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),

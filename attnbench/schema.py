@@ -122,3 +122,93 @@ def check_record(record: Any, where: str, needed: tuple[str, ...] = ()) -> dict[
     if int(record["schema"]) > SCHEMA_VERSION:
         raise ValueError(f"{where} has schema {record['schema']}, newer than this attnbench reads ({SCHEMA_VERSION})")
     return record
+
+
+# Whole networks (attnbench.backbones): a model case and its record.
+
+COMPONENTS = ("attention", "mlp", "conv_norm", "other")  # where a network's MACs and time go
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    model: str  # a registered name or stl:SPEC
+    height: int  # image height in pixels
+    width: int  # image width in pixels
+    batch: int = 1
+    overrides: str = ""  # builder arguments, "n_win=8,head_dim=48"
+    dtype: str = "float32"
+    mode: str = "fwd"
+    device: str = "cpu"
+    compile: bool = False
+    threads: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.model + (f"@{self.overrides}" if self.overrides else "")
+
+
+@dataclass
+class ModelResult:
+    model: str  # canonical: the registered name, or stl: with the mechanism's canonical spec
+    overrides: str  # builder arguments, sorted by name
+    label: str  # as the run named it (display only)
+    height: int
+    width: int
+    batch: int
+    dtype: str
+    mode: str
+    device: str
+    compile: bool = False
+    parameters: int | None = None
+    macs: int | None = None  # forward MACs of the whole batch
+    macs_method: str = ""
+    latency_ms: float | None = None  # median, one call on the whole batch
+    latency_iqr_ms: float | None = None
+    runs: int | None = None
+    processes: int = 1
+    process_medians_ms: str = ""
+    images_per_s: float | None = None  # batch / median latency
+    peak_mem_mb: float | None = None
+    gflops: float | None = None
+    gemm_fraction: float | None = None
+    compile_s: float | None = None
+    threads: int | None = None
+    # forward MACs by component, and the time by component of an inference forward, timed
+    # with hooks in calls of their own (breakdown_ms: those calls' median total)
+    macs_attention: int | None = None
+    macs_mlp: int | None = None
+    macs_conv_norm: int | None = None
+    macs_other: int | None = None
+    ms_attention: float | None = None
+    ms_mlp: float | None = None
+    ms_conv_norm: float | None = None
+    ms_other: float | None = None
+    breakdown_ms: float | None = None
+    stages: str = ""  # JSON: stage ("1".."4", "head") -> {"macs": {component: n}, "ms": {component: ms}}
+    status: str = "ok"
+    error: str = ""
+    schema: int = SCHEMA_VERSION
+    kind: str = "model"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+MODEL_COLUMNS = list(ModelResult.__dataclass_fields__)
+MODEL_KEY = ("model", "overrides", "height", "width", "batch", "dtype", "mode", "device", "compile")
+
+
+def model_key_of(record: dict[str, Any]) -> tuple:
+    return tuple(record[k] for k in MODEL_KEY)
+
+
+def check_model_record(record: Any, where: str) -> dict[str, Any]:
+    """``record`` if it is a model record; else a ValueError naming ``where``."""
+    if not isinstance(record, dict) or record.get("kind") != "model":
+        raise ValueError(f"{where} is not a model record (a JSON object with kind 'model')")
+    missing = [k for k in MODEL_KEY + ("label", "status") if k not in record]
+    if missing:
+        raise ValueError(f"{where} is not a model record (missing {', '.join(missing)})")
+    if int(record["schema"]) > SCHEMA_VERSION:
+        raise ValueError(f"{where} has schema {record['schema']}, newer than this attnbench reads ({SCHEMA_VERSION})")
+    return record

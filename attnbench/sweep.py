@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .schema import RESULT_COLUMNS, Case, Result, check_record, key_of
+from .schema import (MODEL_COLUMNS, RESULT_COLUMNS, Case, ModelCase, ModelResult, Result, check_model_record,
+                     check_record, key_of, model_key_of)
 
 
-def result_key(record: dict[str, Any] | Result) -> tuple:
-    return key_of(record.to_dict() if isinstance(record, Result) else record)
+def result_key(record: dict[str, Any] | Result | ModelResult) -> tuple:
+    if isinstance(record, (Result, ModelResult)):
+        record = record.to_dict()
+    return model_key_of(record) if record.get("kind") == "model" else key_of(record)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,32 @@ CI_SPECS = (
 )
 
 
+@dataclass(frozen=True)
+class ModelPreset:
+    """Whole networks: each entry a model (NAME or NAME@overrides), an image size and a batch."""
+
+    name: str
+    description: str
+    models: tuple[tuple[str, int, int, int], ...]  # (model, height, width, batch)
+    threads: int = 0
+    repeat: int = 1
+
+
+NAMED_MODELS = ("biformer_t", "biformer_s", "biformer_b", "swin_t", "swin_s", "swin_b")
+# the mechanisms in the STL network; axial splits heads in two, so it gets heads of 48 channels
+# (2/4/8 heads in stages 1-3 instead of 3/6/12: the same parameters and MACs)
+STL_MODELS = ("stl:full", "stl:window:window_size=7", "stl:axial:stripe=1@head_dim=48",
+              "stl:dilated:window_size=7,dilation=0", "stl:neighborhood:kernel_size=7", "stl:deformable",
+              "stl:sra", "stl:bra:n_win=7")
+DENSE_SIZES = ((512, 2048), (800, 1280))  # ADE20K and COCO inputs (height x width), as Swin and BiFormer count FLOPs
+BACKBONE_CASES = (
+    tuple((m, 224, 224, 64) for m in NAMED_MODELS)
+    + tuple((m, h, w, 1) for h, w in ((224, 224),) + DENSE_SIZES for m in STL_MODELS)
+    # BRA's official region counts for dense prediction: n_win 8 (segmentation), 16 (detection)
+    + (("stl:bra:n_win=8", 512, 2048, 1), ("stl:bra:n_win=16", 800, 1280, 1))
+)
+
+
 PRESETS = {
     p.name: p
     for p in (
@@ -81,11 +110,14 @@ PRESETS = {
         # three processes per case: one process's timings can sit 2x off another's on this VM
         Preset("ci", "small and fast, for the perf gate (512 px at stride 4, one thread, each case the median of "
                "3 processes)", CI_SPECS, (512,), threads=1, repeat=3),
+        ModelPreset("backbones", "whole networks: BiFormer-T/S/B and Swin-T/S/B at 224 px, batch 64; the STL network "
+                    "with each mechanism at 224, 512x2048 and 800x1280, batch 1 (bench run --model for others)",
+                    BACKBONE_CASES),
     )
 }
 
 
-def preset(name: str) -> Preset:
+def preset(name: str) -> Preset | ModelPreset:
     try:
         return PRESETS[name]
     except KeyError:
@@ -104,10 +136,24 @@ def build_cases(specs: Iterable[str], resolutions: Iterable[int], **fields: Any)
     return [Case(spec=spec, resolution=res, **fields) for res in sorted(set(resolutions)) for spec in unique.values()]
 
 
+def build_model_cases(models: Iterable[tuple[str, int, int, int]], **fields: Any) -> list[ModelCase]:
+    """A case per (model, height, width, batch), smaller images first, each once."""
+    from .measure.model import split_model
+
+    cases: dict[tuple, ModelCase] = {}
+    for model, height, width, batch in models:
+        name, overrides = split_model(model)
+        case = ModelCase(name, height, width, batch=batch, overrides=overrides, **fields)
+        cases.setdefault((name, overrides, height, width, batch), case)
+    return sorted(cases.values(), key=lambda c: c.height * c.width)
+
+
 # what bench writes into a results folder; --force moves these and nothing else
 OWN_FILES = ("results.jsonl", "results.csv", "results.csv.tmp", "results.jsonl.tmp", "results.jsonl.partial",
              "results.schema1.jsonl", "results.retried.jsonl", "config.json", "env.json", "summary.md", "scaling.png", "scaling.svg",
-             "frontier.png", "frontier.svg", "params_*.png", "params_*.svg")
+             "frontier.png", "frontier.svg", "params_*.png", "params_*.svg",
+             "models.jsonl", "models.csv", "models.csv.tmp", "models.jsonl.tmp", "models.jsonl.partial",
+             "models.retried.jsonl", "attention_share.*", "throughput_vs_macs.*", "stages.*")
 
 
 def _read_lock(path: Path) -> dict | None:
@@ -131,14 +177,17 @@ def _alive(pid: int) -> bool:
 
 
 class ResultsStore:
-    """A results folder, written case by case."""
+    """A results folder, written case by case: layer cases in results.jsonl, or (``models``)
+    whole networks in models.jsonl."""
 
-    def __init__(self, folder: Path | str) -> None:
+    def __init__(self, folder: Path | str, models: bool = False) -> None:
         self.folder = Path(folder)
+        self.models = models
+        stem = "models" if models else "results"
         self.lock_path = self.folder / "bench.lock"
-        self.retried_path = self.folder / "results.retried.jsonl"
-        self.jsonl = self.folder / "results.jsonl"
-        self.csv = self.folder / "results.csv"
+        self.retried_path = self.folder / f"{stem}.retried.jsonl"
+        self.jsonl = self.folder / f"{stem}.jsonl"
+        self.csv = self.folder / f"{stem}.csv"
         self.config_path = self.folder / "config.json"
         self.env_path = self.folder / "env.json"
 
@@ -160,7 +209,8 @@ class ResultsStore:
                 if n == len(lines):
                     continue
                 raise ValueError(f"{self.jsonl}:{n} is not valid JSON") from None
-            out.append(check_record(record, f"{self.jsonl}:{n}"))
+            check = check_model_record if self.models else check_record
+            out.append(check(record, f"{self.jsonl}:{n}"))
         return out
 
     def repair(self) -> None:
@@ -181,7 +231,7 @@ class ResultsStore:
             return None
         lines = [line for line in self.jsonl.read_text().splitlines() if line.strip()]
         old = [json.loads(line) for line in lines]
-        if all("schema" in r for r in old):
+        if self.models or all("schema" in r for r in old):
             return None
         kept = self.folder / "results.schema1.jsonl"
         if kept.exists():
@@ -279,7 +329,7 @@ class ResultsStore:
             if _read_lock(self.lock_path) == json.loads(mine):
                 self.lock_path.unlink(missing_ok=True)
 
-    def append(self, result: Result) -> None:
+    def append(self, result: Result | ModelResult) -> None:
         self.repair()
         with self.jsonl.open("a") as f:
             f.write(json.dumps(result.to_dict()) + "\n")
@@ -289,7 +339,7 @@ class ResultsStore:
     def write_csv(self) -> None:
         tmp = self.csv.with_suffix(".csv.tmp")
         with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=MODEL_COLUMNS if self.models else RESULT_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.records())
         tmp.replace(self.csv)

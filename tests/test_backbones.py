@@ -141,7 +141,7 @@ def test_bad_input_is_named(call, words):
 
 @pytest.mark.parametrize("name", ["biformer_t", "swin_t", "biformer_stl"])
 def test_the_mac_breakdown_sums_to_the_total(name):
-    from attnbench.backbones.breakdown import macs_breakdown
+    from attnbench.measure.model import macs_breakdown
 
     b = macs_breakdown(build_model(name).eval(), torch.randn(1, 3, 224, 224))
     assert b.total == model_info(name).macs_224
@@ -151,7 +151,7 @@ def test_the_mac_breakdown_sums_to_the_total(name):
 
 
 def test_the_breakdown_puts_each_part_where_the_closed_forms_say():
-    from attnbench.backbones.breakdown import macs_breakdown
+    from attnbench.measure.model import macs_breakdown
     from attnbench.measure import closed_form_macs
 
     bif = macs_breakdown(build_model("biformer_t").eval(), torch.randn(1, 3, 224, 224))

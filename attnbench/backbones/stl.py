@@ -10,7 +10,8 @@ stays global attention with LePE, so that networks differ only where their patte
 
 Where a mechanism's paper sets parameters per stage or per block, and the spec leaves them
 unset, the network does as the paper: BRA's topk 1, 4, 16 in stages 1-3 (BiFormer), window
-attention's shift alternating 0 and M/2 between the blocks of a stage (Swin). With BRA
+attention's shift alternating 0 and M/2 between the blocks of a stage (Swin), spatial-reduction
+attention's sr_ratio 8, 4, 2 (PVT v2). With BRA
 (n_win 7) it is the official BiFormer-STL: same keys, parameters and MACs.
 """
 
@@ -27,6 +28,7 @@ from .registry import register_model
 
 DEPTHS, DIMS, HEAD_DIM = (2, 2, 6, 2), (96, 192, 384, 768), 32
 BRA_TOPKS = (1, 4, 16)
+SRA_RATIOS = (8, 4, 2)  # PVT v2's sr_ratios in stages 1-3
 
 
 def block_specs(spec: str, stage: int, depth: int) -> list[str]:
@@ -36,6 +38,8 @@ def block_specs(spec: str, stage: int, depth: int) -> list[str]:
     given = set(c.given)
     if c.name == "bra" and "topk" not in given:
         params["topk"] = BRA_TOPKS[stage]
+    if c.name == "sra" and "sr_ratio" not in given:
+        params["sr_ratio"] = SRA_RATIOS[stage]
     if c.name == "window" and "shift" not in given:
         return [format_spec(c.name, {**params, "shift": (j % 2) * (params["window_size"] // 2)}) for j in range(depth)]
     return [format_spec(c.name, params)] * depth

@@ -249,6 +249,17 @@ def _measure(case: Case, budget_s: float, gemm_gflops: float | None, macs: tuple
     )
 
 
+def failed_result(case: Case, status: str, error: str) -> Result:
+    """A result without measurements; MACs from the mechanism's closed form where it declares
+    one. Nothing that scales with the tokens runs here (no trace, no layout): this is also
+    the path of a case refused as far too big for the machine."""
+    macs = closed_form_of(case)
+    return result_for(case, status=status, error=error, macs=macs, macs_method="closed form" if macs is not None else "")
+
+
+run = run_case  # the name the isolated runner calls each kind of case's measurement by
+
+
 def estimate_peak_bytes(case: Case) -> int:
     """A rough upper estimate of a case's peak, for refusing hopeless cases unrun: a few
     activation-sized buffers plus what the mechanism declares it holds beyond them."""

@@ -73,26 +73,23 @@ class MacCount:
     total: int
     by_op: dict[str, int]
     uncounted: dict[str, int] = field(default_factory=dict)  # op -> times seen
+    by_module: dict[str, int] = field(default_factory=dict)  # submodule name -> MACs (with its children; "" the total)
 
     def uncounted_text(self) -> str:
         return ",".join(f"{op}:{n}" for op, n in sorted(self.uncounted.items()))
 
 
-def count_macs(module: nn.Module, x: torch.Tensor) -> MacCount:
-    """MACs of ``module(x)``, counted by fvcore with SDPA (all variants) added."""
-    analysis, elementwise = flop_analysis(module, x)
+def count_macs(module: nn.Module, x: torch.Tensor, by_module: bool = False, warm: bool = True) -> MacCount:
+    """MACs of ``module(x)``, counted by fvcore with SDPA (all variants) added; with
+    ``by_module``, per submodule too (from the same trace). ``warm``: call ``module(x)`` once
+    before the trace (False where the caller has just done so)."""
+    analysis, elementwise = flop_analysis(module, x, warm)
     with _quiet_fvcore(), torch.no_grad():
         by_op = {op: int(n) for op, n in analysis.by_operator().items() if n}
         uncounted = {op.removeprefix("aten::"): int(n) for op, n in analysis.unsupported_ops().items()}
         uncounted.update(elementwise)
-    return MacCount(int(sum(by_op.values())), by_op, uncounted)
-
-
-def macs_by_module(module: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """MACs of ``module(x)`` per submodule name (each includes its children; "" is the total)."""
-    analysis, _ = flop_analysis(module, x)
-    with _quiet_fvcore(), torch.no_grad():
-        return {name: int(n) for name, n in analysis.by_module().items()}
+        modules = {name: int(n) for name, n in analysis.by_module().items()} if by_module else {}
+    return MacCount(int(sum(by_op.values())), by_op, uncounted, modules)
 
 
 @contextmanager
@@ -107,11 +104,12 @@ def _quiet_fvcore() -> Iterator[None]:
         fv_logger.setLevel(level)
 
 
-def flop_analysis(module: nn.Module, x: torch.Tensor) -> tuple[FlopCountAnalysis, Counter[str]]:
+def flop_analysis(module: nn.Module, x: torch.Tensor, warm: bool = True) -> tuple[FlopCountAnalysis, Counter[str]]:
     """fvcore's analysis of ``module(x)`` with the SDPA handles, and the counter its
     elementwise-op handles fill (ops seen, not counted) once it runs."""
-    with torch.no_grad():
-        module(x)  # build shape-dependent caches (layouts, masks) outside the trace
+    if warm:
+        with torch.no_grad():
+            module(x)  # build shape-dependent caches (layouts, masks) outside the trace
     elementwise: Counter[str] = Counter()
 
     def seen(op: str):

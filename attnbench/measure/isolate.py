@@ -21,8 +21,12 @@ import time
 import traceback
 from typing import Any
 
+from types import ModuleType
+
 from ..attention import load_plugins
-from .case import Case, Result, closed_form_of, estimate_peak_bytes, macs_without_running, result_for, run_case
+from ..schema import ModelCase, ModelResult
+from . import case as layer_case
+from .case import Case, Result
 from .device import bound_memory, free_memory_bytes, is_oom, resolve, use
 from .preload import PLUGINS_ENV
 
@@ -79,7 +83,7 @@ def _measure_here(case: Case, mem_limit: int, budget_s: float, gemm_gflops: floa
         device = resolve(case.device)
         use(device)  # events, streams and scratch on the case's own GPU, not GPU 0
         bound_memory(device, mem_limit)
-        return "ok", run_case(case, budget_s=budget_s, gemm_gflops=gemm_gflops, macs=macs).to_dict()
+        return "ok", _kind(case).run(case, budget_s=budget_s, gemm_gflops=gemm_gflops, macs=macs).to_dict()
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
         message = f"{type(exc).__name__}: {exc}".strip()
         oom = is_oom(exc)
@@ -88,21 +92,27 @@ def _measure_here(case: Case, mem_limit: int, budget_s: float, gemm_gflops: floa
         return ("oom" if oom else "error", detail[-2000:])
 
 
-def _count_once(case: Case) -> tuple | None:
+def _kind(case: Case | ModelCase) -> ModuleType:
+    """What measures this kind of case: :mod:`.case` for a layer, :mod:`.model` for a network.
+    Each gives run, failed_result, estimate_peak_bytes and macs_without_running."""
+    if isinstance(case, ModelCase):
+        from . import model
+
+        return model
+    return layer_case
+
+
+def _count_once(case: Case | ModelCase) -> tuple | None:
     """The case's MACs counted here, in the parent, once for all its processes, where that
     needs no real forward; None leaves it to the case's process (a CPU forward, in its bound)."""
     try:
-        return macs_without_running(case)
+        return _kind(case).macs_without_running(case)
     except Exception:  # noqa: BLE001 - the case's own process will count, or report why not
         return None
 
 
-def _failed(case: Case, status: str, error: str) -> Result:
-    """A result without measurements; MACs from the mechanism's closed form where it declares
-    one. Nothing that scales with the tokens runs here (no trace, no layout): this is also
-    the path of a case refused as far too big for the machine."""
-    macs = closed_form_of(case)
-    return result_for(case, status=status, error=error, macs=macs, macs_method="closed form" if macs is not None else "")
+def _failed(case: Case | ModelCase, status: str, error: str) -> Result | ModelResult:
+    return _kind(case).failed_result(case, status, error)
 
 
 _CONTEXT: Any = None
@@ -119,15 +129,15 @@ def _context(plugins: tuple[str, ...]):
 
 
 def run_isolated(
-    case: Case,
+    case: Case | ModelCase,
     mem_limit_bytes: int | None = None,
     timeout_s: float = 600.0,
     budget_s: float = 2.0,
     gemm_gflops: float | None = None,
     plugins: tuple[str, ...] = (),
     repeat: int = 1,
-) -> Result:
-    """Measure ``case`` in a child process; never raises for the case's own failures.
+) -> Result | ModelResult:
+    """Measure ``case`` (a layer or a whole network) in a child process; never raises for the case's own failures.
     ``plugins``: files or modules the child loads first (those that define the case's mechanism).
     ``repeat``: measure it in that many fresh processes, one after another, and keep the
     record whose median latency is the median of theirs (the lower one for an even count):
@@ -137,7 +147,7 @@ def run_isolated(
     if repeat < 1:
         raise ValueError(f"repeat = {repeat} must be >= 1")
     mem_limit = mem_limit_bytes if mem_limit_bytes is not None else default_mem_limit_bytes(case.device)
-    estimate = estimate_peak_bytes(case)
+    estimate = _kind(case).estimate_peak_bytes(case)
     if estimate > REFUSE_FACTOR * mem_limit:
         return _failed(
             case,
@@ -159,8 +169,8 @@ def run_isolated(
     return chosen
 
 
-def _run_in_child(case: Case, mem_limit: int, timeout_s: float, budget_s: float, gemm_gflops: float | None,
-                  plugins: tuple[str, ...], macs: tuple | None = None) -> Result:
+def _run_in_child(case: Case | ModelCase, mem_limit: int, timeout_s: float, budget_s: float, gemm_gflops: float | None,
+                  plugins: tuple[str, ...], macs: tuple | None = None) -> Result | ModelResult:
     ctx = _context(plugins)
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, case, mem_limit, budget_s, gemm_gflops, plugins, os.getpid(), macs),
@@ -171,7 +181,9 @@ def _run_in_child(case: Case, mem_limit: int, timeout_s: float, budget_s: float,
         if parent.poll(timeout_s):
             try:
                 status, payload = parent.recv()
-                return Result(**payload) if status == "ok" else _failed(case, status, payload)
+                if status != "ok":
+                    return _failed(case, status, payload)
+                return ModelResult(**payload) if isinstance(case, ModelCase) else Result(**payload)
             except EOFError:
                 pass  # the child died before it could answer
         elif proc.is_alive():

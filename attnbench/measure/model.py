@@ -1,0 +1,293 @@
+"""One whole network (a model case), checked and measured in the current process, like a
+layer case in :mod:`attnbench.measure.case`: MACs, parameters, latency, peak memory, and
+throughput, plus where the MACs and the time go.
+
+MACs: fvcore on one image, times the batch (every op in these networks works per image; a
+test holds count(B) = B x count(1)), per module from the same trace and summed over the
+parts the backbone declares (:func:`attnbench.backbones.breakdown.parts`).
+Time by part: measured, not apportioned by MACs. After the latency is measured, further
+inference forwards run with a forward pre-hook and a forward hook on each part, which read
+the clock (after a device synchronise on CUDA) on entry and exit; each part's time is its
+median over those calls, and ``other`` is the rest of the hooked call (the hooks' own cost
+included). The latency itself is timed without hooks. For fwdbwd cases the breakdown is of
+the forward.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..backbones import build_model
+from ..backbones.breakdown import Part, parts
+from ..schema import COMPONENTS, MODES, SCHEMA_VERSION, ModelCase, ModelResult, model_key_of
+from . import device as devices
+from .case import DTYPES, MODE_MAC_FACTOR, _call_seconds, check_device, torch_threads
+from .device import resolve, synchronize
+from .flops import MacCount, count_macs
+from .memory import peak_memory_bytes
+from .timing import time_call
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """'n_win=8,head_dim=48' -> {'n_win': 8, 'head_dim': 48}: ints, floats, true/false, else text."""
+    out: dict[str, Any] = {}
+    for piece in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = piece.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise ValueError(f"model override '{piece}' is not NAME=VALUE (e.g. n_win=8)")
+        out[key.strip()] = _value(value.strip())
+    return out
+
+
+def _value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def format_overrides(overrides: dict[str, Any]) -> str:
+    return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(overrides.items()))
+
+
+def split_model(text: str) -> tuple[str, str]:
+    """'biformer_t@n_win=8' -> ('biformer_t', 'n_win=8'): a --model value's name and overrides."""
+    name, _, overrides = text.partition("@")
+    if not name:
+        raise ValueError(f"--model '{text}' names no model; e.g. biformer_t, stl:window:window_size=7 or biformer_t@n_win=8")
+    return name, format_overrides(parse_overrides(overrides))
+
+
+def canonical_model(name: str) -> str:
+    """The model's key: a registered name as it is; stl:SPEC with the parameters the spec
+    gives in registration order (those it leaves unset follow the network's per-stage rules,
+    so they are not filled in with the mechanism's defaults)."""
+    from ..attention import canonical
+    from ..backbones.registry import STL_PREFIX, model_info
+
+    if name.startswith(STL_PREFIX):
+        return STL_PREFIX + canonical(name[len(STL_PREFIX):]).label
+    return model_info(name).name
+
+
+def model_result_for(case: ModelCase, **fields: Any) -> ModelResult:
+    return ModelResult(model=canonical_model(case.model), overrides=case.overrides, label=case.label, height=case.height,
+                       width=case.width, batch=case.batch, dtype=case.dtype, mode=case.mode, device=case.device,
+                       compile=case.compile, schema=SCHEMA_VERSION, **fields)
+
+
+def model_case_key(case: ModelCase) -> tuple:
+    """The key ``case``'s record will have."""
+    return model_key_of(model_result_for(case).to_dict())
+
+
+def failed_result(case: ModelCase, status: str, error: str) -> ModelResult:
+    return model_result_for(case, status=status, error=error)
+
+
+def _build(case: ModelCase) -> torch.nn.Module:
+    return build_model(case.model, **parse_overrides(case.overrides))
+
+
+def check_model_case(case: ModelCase) -> None:
+    """Every reason a model case cannot run, found before anything runs: a ValueError."""
+    with torch.device("meta"):
+        _build(case)  # name, spec, overrides
+    check_device(case.device, case.dtype)
+    if case.mode not in MODES:
+        raise ValueError(f"unknown mode '{case.mode}'; use one of {', '.join(MODES)}")
+    if case.threads < 0:
+        raise ValueError(f"threads = {case.threads} must be >= 0 (0: torch's default)")
+    for name in ("height", "width", "batch"):
+        if getattr(case, name) < 1:
+            raise ValueError(f"{name} = {getattr(case, name)} must be >= 1")
+    if min(case.height, case.width) < 32:
+        raise ValueError(f"image size {case.height}x{case.width} is too small: a backbone downsamples by 32; "
+                         "give at least 32x32")
+
+
+def estimate_peak_bytes(case: ModelCase) -> int:
+    """No estimate for a network: none is refused unrun; the memory bound catches what overruns."""
+    return 0
+
+
+def macs_without_running(case: ModelCase) -> None:
+    """Counted in the case's process (fvcore cannot trace convolutions on the meta device)."""
+    return None
+
+
+def run_model_case(case: ModelCase, budget_s: float = 2.0, gemm_gflops: float | None = None,
+                   macs: Any = None) -> ModelResult:
+    """Measure one model case here and now, with its thread count (restored after)."""
+    check_model_case(case)
+    with torch_threads(case.threads):
+        return _measure(case, budget_s, gemm_gflops)
+
+
+run = run_model_case  # the name the isolated runner calls each kind of case's measurement by
+
+
+def _measure(case: ModelCase, budget_s: float, gemm_gflops: float | None) -> ModelResult:
+    device = check_device(case.device, case.dtype)
+    place, dtype = devices.tensor_device(resolve(case.device)), DTYPES[case.dtype]
+    torch.manual_seed(0)
+    model = _build(case).eval().to(device=place, dtype=dtype)
+    images = torch.randn(case.batch, 3, case.height, case.width, device=place, dtype=dtype)
+    parameters = sum(p.numel() for p in model.parameters())
+    model_parts = parts(model)
+
+    forward = _inference(model, images)
+    one = images[:1]
+    if case.batch == 1:
+        first_s = _call_seconds(forward, device)  # also builds the shape-dependent caches the trace needs
+        count = count_macs(model, one, by_module=True, warm=False)
+    else:
+        count = count_macs(model, one, by_module=True)
+    compiled = torch.compile(model) if case.compile else model
+    step = _step(compiled, images, case.mode)
+    compile_s = None
+    if case.compile or case.batch > 1 or case.mode != "fwd":
+        first_s = _call_seconds(step, device)
+        if case.compile:
+            compile_s, first_s = first_s, _call_seconds(step, device)
+    peak = peak_memory_bytes(step, device, before=getattr(step, "clear", None))
+    timing = time_call(step, device, budget_s=budget_s, per_call_s=first_s)
+    part_ms, part_total = time_parts(model, images, model_parts, device, budget_s=budget_s / 2, per_call_s=first_s)
+
+    total = count.total * case.batch
+    gflops = 2 * MODE_MAC_FACTOR[case.mode] * total / (timing.median_ms * 1e-3) / 1e9
+    by_component, by_stage = _sum_parts(model_parts, count, part_ms, case.batch)
+    fields: dict[str, Any] = {f"macs_{c}": by_component["macs"].get(c, 0) for c in COMPONENTS}
+    fields.update({f"ms_{c}": by_component["ms"].get(c, 0.0) for c in COMPONENTS})
+    fields["ms_other"] = max(part_total - sum(by_component["ms"].get(c, 0.0) for c in COMPONENTS if c != "other"), 0.0)
+    return model_result_for(
+        case,
+        parameters=parameters,
+        macs=total,
+        macs_method="fvcore, one image x batch",
+        latency_ms=timing.median_ms,
+        latency_iqr_ms=timing.iqr_ms,
+        runs=timing.runs,
+        images_per_s=case.batch / (timing.median_ms * 1e-3),
+        peak_mem_mb=peak / 2**20,
+        gflops=gflops,
+        gemm_fraction=gflops / gemm_gflops if gemm_gflops else None,
+        compile_s=compile_s,
+        threads=torch.get_num_threads(),
+        breakdown_ms=part_total,
+        stages=json.dumps(by_stage),
+        **fields,
+    )
+
+
+def _inference(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], Any]:
+    def forward() -> Any:
+        with torch.inference_mode():
+            return model(images)
+
+    return forward
+
+
+def _step(model: torch.nn.Module, images: torch.Tensor, mode: str) -> Callable[[], Any]:
+    """One measured call: an inference forward, or forward + backward of the logits' sum
+    with fresh parameter gradients."""
+    if mode == "fwd":
+        return _inference(model, images)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def clear() -> None:
+        for p in params:
+            p.grad = None
+
+    def forward_backward() -> None:
+        clear()
+        model(images).sum().backward()
+
+    forward_backward.clear = clear
+    return forward_backward
+
+
+def time_parts(model: torch.nn.Module, images: torch.Tensor, model_parts: list[Part], device: torch.device,
+               budget_s: float = 1.0, max_calls: int = 5, per_call_s: float = 0.0) -> tuple[dict[str, float], float]:
+    """Each part's milliseconds in an inference forward (median over calls) and the median
+    hooked call's total. At least one call; more while ``budget_s`` lasts, up to ``max_calls``."""
+    entered: dict[str, float] = {}
+    spent: dict[str, float] = {}
+
+    def clock() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
+    def enter(name: str):
+        def hook(module, args):
+            entered[name] = clock()
+        return hook
+
+    def leave(name: str):
+        def hook(module, args, output):
+            spent[name] = spent.get(name, 0.0) + clock() - entered.pop(name)
+        return hook
+
+    handles = []
+    for p in model_parts:
+        handles.append(p.module.register_forward_pre_hook(enter(p.name)))
+        handles.append(p.module.register_forward_hook(leave(p.name)))
+    forward = _inference(model, images)
+    calls = max(1, min(max_calls, int(budget_s / per_call_s) if per_call_s > 0 else max_calls))
+    per_part: dict[str, list[float]] = {p.name: [] for p in model_parts}
+    totals = []
+    try:
+        for _ in range(calls):
+            spent.clear()
+            start = clock()
+            forward()
+            totals.append((clock() - start) * 1e3)
+            for name in per_part:
+                per_part[name].append(spent.get(name, 0.0) * 1e3)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: statistics.median(v) for name, v in per_part.items()}, statistics.median(totals)
+
+
+@dataclass
+class MacBreakdown:
+    total: int
+    by_component: dict[str, int]  # component -> MACs
+    by_stage: dict[str, dict[str, int]]  # "1".."4", "head" -> component -> MACs
+
+
+def macs_breakdown(model: torch.nn.Module, images: torch.Tensor) -> MacBreakdown:
+    """MACs of ``model(images)`` by component and by stage; each sums to ``total``."""
+    count = count_macs(model, images, by_module=True)
+    model_parts = parts(model)
+    by_component, by_stage = _sum_parts(model_parts, count, {p.name: 0.0 for p in model_parts}, 1)
+    return MacBreakdown(count.total, by_component["macs"], {s: v["macs"] for s, v in by_stage.items()})
+
+
+def _sum_parts(model_parts: list[Part], count: MacCount, part_ms: dict[str, float], batch: int
+               ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+    """MACs (x batch) and milliseconds summed by component, and by stage and component. MACs
+    outside every part (none in these networks) go to ``other``."""
+    by_component: dict[str, dict[str, float]] = {"macs": {}, "ms": {}}
+    by_stage: dict[str, dict[str, dict[str, float]]] = {}
+    for p in model_parts:
+        macs = count.by_module.get(p.name, 0) * batch
+        stage = by_stage.setdefault(p.stage, {"macs": {}, "ms": {}})
+        for where in (by_component, stage):
+            where["macs"][p.component] = where["macs"].get(p.component, 0) + macs
+            where["ms"][p.component] = where["ms"].get(p.component, 0.0) + part_ms[p.name]
+    outside = count.total * batch - sum(by_component["macs"].values())
+    if outside:
+        by_component["macs"]["other"] = by_component["macs"].get("other", 0) + outside
+    return by_component, by_stage
