@@ -231,7 +231,8 @@ def model_references() -> dict[str, tuple[int | None, int | None, str]]:
 
 def _case_name(case: Any) -> str:
     if hasattr(case, "spec"):
-        return f"{case.spec} @ {case.resolution}px"
+        return f"{case.spec} @ {case.resolution}px" if not case.image_width else \
+            f"{case.spec} @ {case.resolution}x{case.image_width}px"
     return f"{case.label} @ {case.height}x{case.width}, batch {case.batch}"
 
 
@@ -249,7 +250,7 @@ def _models_table(records: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
-def default_folder(device: str, resolutions: tuple[int, ...], resume: bool, suffix: str = "") -> Path:
+def default_folder(device: str, resolutions: tuple[int | str, ...], resume: bool, suffix: str = "") -> Path:
     """results/<date>-<device>-r<resolutions> (or -<suffix>, e.g. -backbones); a new run takes
     the next free name (-2, -3, ...) instead of touching an earlier run's folder, a resumed run
     the latest one."""
@@ -286,7 +287,7 @@ def run_command(
     force: bool = typer.Option(False, help="set the results already in --out aside (into a previous-* subfolder) and start afresh"),
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
     model: list[str] = typer.Option(None, "--model", help="a whole network: a name from bench list, stl:SPEC (the STL network with that mechanism), NAME@key=value,... for builder overrides (biformer_t@n_win=8); repeatable"),
-    size: list[str] = typer.Option(None, "--size", help="image size HxW in pixels for --model, e.g. 800x1280; repeatable (default 224x224)"),
+    size: list[str] = typer.Option(None, "--size", help="image size HxW in pixels, e.g. 800x1280 (non-square); repeatable (a model's default 224x224)"),
 ) -> None:
     """Measure every mechanism of a preset (or --methods) at each resolution, or whole networks
     (--model, --preset backbones) at each --size; write results, a table and plots."""
@@ -297,8 +298,6 @@ def run_command(
         return _run_models(model, size, preset_name, batch, dtype, mode, device, mem_limit, timeout, budget, compile_,
                            threads, repeat, out, resume, retry_failed, force, plugins, given_layer_options=dict(
                                resolution=resolution, methods=methods, stride=stride != 4, dim=dim != 64, heads=heads != 2))
-    if size:
-        fail("--size is for --model (whole networks); a layer's map is --resolution pixels a side")
     batch = 1 if batch is None else batch
     try:
         if retry_failed and not resume:
@@ -306,14 +305,15 @@ def run_command(
         chosen = preset(preset_name)
         specs = split_methods(methods) if methods else None
         device = resolve_device(device)
-        resolutions = tuple(resolution) if resolution else (chosen.resolutions or (1024,))
+        sizes = [parse_image_size(s) for s in size or []]
+        resolutions = tuple(resolution) if resolution else (() if sizes else (chosen.resolutions or (1024,)))
         threads = chosen.threads if threads is None else threads
         repeat = chosen.repeat if repeat is None else repeat
         if repeat < 1:
             raise ValueError(f"--repeat {repeat} must be >= 1")
         fields = dict(stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode, device=device,
                       compile=compile_, threads=threads)
-        cases = build_cases(specs or chosen.specs, resolutions, **fields)
+        cases = build_cases(specs or chosen.specs, resolutions + tuple(sizes), **fields)
         for case in cases:
             check_case(case)  # mechanism, device and dtype, mode, resolution against the stride
         bound = parse_size(mem_limit, device) if mem_limit else None
@@ -323,9 +323,11 @@ def run_command(
     except ValueError as exc:
         fail(str(exc))
 
-    folder = out or default_folder(device, resolutions, resume)
+    folder = out or default_folder(device, resolutions + tuple(f"{h}x{w}" for h, w in sizes), resume)
     store = ResultsStore(folder)
     config = {"preset": None if specs else chosen.name, "methods": specs, "resolutions": list(resolutions), **fields}
+    if sizes:
+        config["sizes"] = sorted(f"{h}x{w}" for h, w in sizes)
     if repeat > 1:
         config["repeat"] = repeat
     if plugins:
@@ -375,7 +377,10 @@ def _run_models(models, sizes, preset_name, batch, dtype, mode, device, mem_limi
             if sizes:
                 raise ValueError(f"--size replaces nothing in the preset {preset_name} (each of its models has its "
                                  "sizes); give --model with --size")
-            entries = [(m, h, w, batch or b) for m, h, w, b in chosen.models]
+            on_gpu = device.startswith("cuda")
+            entries = [(m, h, w, batch or b) for m, h, w, b in chosen.models + (chosen.gpu_models if on_gpu else ())]
+            if chosen.gpu_models and not on_gpu:
+                console.print("left to a GPU run: " + ", ".join(f"{m} at {h}x{w}" for m, h, w, _ in chosen.gpu_models))
         threads = (0 if models else chosen.threads) if threads is None else threads
         repeat = (1 if models else chosen.repeat) if repeat is None else repeat
         if repeat < 1:
@@ -846,7 +851,7 @@ def profile_command(
     stride: int = typer.Option(4, help="pixels per token"),
     dim: int = typer.Option(64, help="channels"),
     heads: int = typer.Option(2, help="attention heads"),
-    batch: Optional[int] = typer.Option(None, help="batch size (default 1; a model preset's own)"),
+    batch: int = typer.Option(1, help="batch size"),
     dtype: str = typer.Option("float32", help=f"one of {', '.join(DTYPE_NAMES)}"),
     mode: str = typer.Option("fwd", help="fwd or fwdbwd (the backward shows as 'other')"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
@@ -974,3 +979,72 @@ def gpu_check_command(
     console.print("\n".join(lines))
     if failed:
         raise typer.Exit(1)
+
+
+@app.command("gate")
+def gate_command(
+    base: str = typer.Option(..., "--base", help="the git ref to compare the working tree with (a commit, branch or tag)"),
+    preset_name: str = typer.Option("ci", "--preset", help="the layer cases to time (a layer preset; see bench list)"),
+    methods: list[str] = typer.Option(None, "--methods", "-m", help="mechanism specs instead of the preset's"),
+    resolution: Optional[int] = typer.Option(None, "--resolution", "-r", help="image side in pixels (default: the preset's)"),
+    rounds: int = typer.Option(10, help="rounds; each runs one fresh process per side"),
+    factor: float = typer.Option(1.05, help="minimum effect: a regression's median ratio current/base exceeds this"),
+    alpha: float = typer.Option(0.01, help="one-sided significance level of the signed-rank test"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: the preset's)"),
+    out: Optional[Path] = typer.Option(None, help="folder for gate.json (every raw sample) and gate.md (default: a new temporary folder)"),
+) -> None:
+    """Time every case under the base commit and under the working tree, interleaved in rounds
+    of fresh processes; decide each case by a signed-rank test and a minimum effect. Exit 1 on
+    a significant slowdown, changed MACs or grown memory; 0 otherwise; 2 on bad input."""
+    from . import gate
+    from .measure.case import check_case
+
+    try:
+        settings = gate.Settings(rounds=rounds, factor=factor, alpha=alpha)
+        settings.check()
+        chosen = preset(preset_name)
+        if isinstance(chosen, ModelPreset):
+            raise ValueError(f"--preset {preset_name} holds whole networks; the gate times layer cases (e.g. --preset ci)")
+        specs = split_methods(methods) if methods else list(chosen.specs)
+        threads = chosen.threads if threads is None else threads
+        resolutions = (resolution,) if resolution else (chosen.resolutions or (512,))
+        cases = build_cases(specs, resolutions, device="cpu", threads=threads)
+        if not cases:
+            raise ValueError("no cases to time; give --methods or a preset with cases")
+        for case in cases:
+            check_case(case)
+        root = gate.repo_root(Path.cwd())
+        commit = gate.resolve_ref(root, base)
+        if out is not None and (out / "gate.json").exists():
+            raise ValueError(f"{out / 'gate.json'} exists already; give a new --out")
+    except ValueError as exc:
+        fail(str(exc))
+    folder = out or Path(__import__("tempfile").mkdtemp(prefix="bench-gate-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    console.print(f"gate: {len(cases)} cases, {rounds} rounds, base {base} ({commit[:10]}) against the working tree "
+                  f"{root}; raw samples -> {folder / 'gate.json'}")
+    with gate.worktree(root, commit) as base_tree:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=False) as progress:
+            task = progress.add_task("rounds", total=2 * rounds)
+            raw = gate.run_gate(base_tree, root, cases, threads, settings,
+                                progress=lambda i, side: progress.update(task, advance=1, description=f"round {i + 1}: {side}"))
+    raw.update(base=base, base_commit=commit, current=str(root), settings=gate.asdict(settings))
+    (folder / "gate.json").write_text(json.dumps(raw) + "\n")
+    found = gate.verdicts(raw, settings)
+    rows = gate.rows(found)
+    table = Table(title=f"bench gate: base {base} ({commit[:10]}) -> working tree, {rounds} rounds, factor {factor}, alpha {alpha}")
+    for col in rows[0]:
+        table.add_column(col, justify="left" if col in ("case", "verdict") else "right")
+    for row in rows:
+        style = "red" if row["verdict"].split(":")[0] in gate.FAILING else ("green" if row["verdict"] == "faster" else None)
+        table.add_row(*(escape(v) for v in row.values()), style=style)
+    console.print(table)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r.values()) + " |" for r in rows]
+    (folder / "gate.md").write_text("\n".join(lines) + "\n")
+    failing = [v for v in found if v.verdict in gate.FAILING]
+    if failing:
+        console.print(f"[red]gate failed[/]: {', '.join(f'{v.case} ({v.verdict})' for v in failing)}")
+        raise typer.Exit(1)
+    console.print("gate passed: no case significantly slower, MACs equal, memory within bounds")

@@ -21,7 +21,7 @@ MODES = ("fwd", "fwdbwd")
 @dataclass(frozen=True)
 class Case:
     spec: str  # mechanism spec, e.g. "bra:n_win=8,topk=4"
-    resolution: int  # image side in pixels
+    resolution: int  # image side in pixels (the height, where image_width is given)
     stride: int = 4  # pixels per token: the grid is resolution / stride tokens a side
     dim: int = 64
     heads: int = 2
@@ -31,6 +31,7 @@ class Case:
     device: str = "cpu"
     compile: bool = False
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    image_width: int = 0  # image width in pixels where it differs from the height (0: square, resolution)
 
     @property
     def height(self) -> int:
@@ -38,7 +39,7 @@ class Case:
 
     @property
     def width(self) -> int:
-        return self.resolution // self.stride
+        return (self.image_width or self.resolution) // self.stride
 
     @property
     def tokens(self) -> int:

@@ -151,7 +151,8 @@ class BiLevelRoutingAttention(AttentionBase):
         B, H, W, C = t.shape
         S, m = self.n_win, self.num_heads
         h, w = H // S, W // S
-        return t.view(B, S, h, S, w, m, C // m).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, S * S, m, h * w, C // m)
+        # contiguous even where reshape could return a view (a region one token high or wide)
+        return t.view(B, S, h, S, w, m, C // m).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, S * S, m, h * w, C // m).contiguous()
 
     def route(self, q_r: Tensor, k_r: Tensor) -> Tensor:
         """Region-level routing from the region means (B, S^2, qk_dim): (B, S^2, topk)

@@ -59,11 +59,14 @@ def check_case(case: Case) -> None:
     for name in ("resolution", "stride", "batch"):
         if getattr(case, name) < 1:
             raise ValueError(f"{name} = {getattr(case, name)} must be >= 1")
-    if case.resolution % case.stride:
-        raise ValueError(
-            f"resolution {case.resolution} is not a multiple of the stride {case.stride}; "
-            f"the token grid would be {case.resolution / case.stride:g} tokens a side"
-        )
+    if case.image_width < 0:
+        raise ValueError(f"image width {case.image_width} must be >= 1")
+    for side, px in (("resolution", case.resolution), ("image width", case.image_width)):
+        if px % case.stride:
+            raise ValueError(
+                f"{side} {px} is not a multiple of the stride {case.stride}; "
+                f"the token grid would be {px / case.stride:g} tokens along it"
+            )
 
 
 def result_for(case: Case, **fields: Any) -> Result:

@@ -147,20 +147,22 @@ def plot_attention_share(df: pd.DataFrame, out: Path, svg: bool = True) -> list[
         return []
     fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.8), squeeze=False)
     for ax, (setting, group) in zip(axes[0], groups):
-        for i, (label, line) in enumerate(group.sort_values("pixels").groupby("label", sort=True)):
-            color = plt.cm.tab10(i % 10)
-            ax.plot(line["pixels"], 100 * line["attention_ms_share"], "o-", color=color, label=label)
-            ax.plot(line["pixels"], 100 * line["attention_macs_share"], "x--", color=color, alpha=0.5)
-        sizes = group.drop_duplicates("pixels").sort_values("pixels")
-        ax.set_xscale("log")
-        ax.set_xticks(sizes["pixels"], sizes["size"], rotation=0)
-        ax.minorticks_off()
+        # sizes evenly spaced in order of pixels (dense-prediction inputs have nearly equal counts)
+        sizes = group.drop_duplicates("size").sort_values(["pixels", "size"])
+        where = {size: i for i, size in enumerate(sizes["size"])}
+        for i, (label, line) in enumerate(group.sort_values(["pixels", "size"]).groupby("label", sort=True)):
+            color = plt.cm.tab20(i % 20)
+            xs = [where[size] for size in line["size"]]
+            ax.plot(xs, 100 * line["attention_ms_share"], "o-", color=color, label=label)
+            ax.plot(xs, 100 * line["attention_macs_share"], "x--", color=color, alpha=0.5)
+        ax.set_xticks(range(len(sizes)), [f"{s}\n{p / 1e6:.2f} Mpx" for s, p in zip(sizes["size"], sizes["pixels"])])
+        ax.set_xlim(-0.3, len(sizes) - 0.7)
         ax.set_ylim(0, 100)
-        ax.set_xlabel("input size (H x W pixels)")
+        ax.set_xlabel("input size (H x W pixels), in order of pixels")
         ax.set_ylabel("attention's share of network time (%)")
         ax.set_title(f"attention share - {_setting_text(setting)}\n(solid: time, dashed: MACs)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_figure(fig, out, "attention_share", svg)
 
 
@@ -179,8 +181,12 @@ def plot_throughput_vs_macs(df: pd.DataFrame, out: Path, gemm_gflops: float | No
     panels.sort(key=lambda p: p[2]["pixels"].iloc[0])
     if not panels:
         return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), squeeze=False)
-    for ax, (setting, size, group) in zip(axes[0], panels):
+    columns = min(2, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 5 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (setting, size, group) in zip(axes.flat, panels):
         ax.scatter(group["gmacs_per_image"], group["images_per_s"], color="tab:blue")
         for _, r in group.iterrows():
             ax.annotate(str(r["label"]).removeprefix("stl:"), (r["gmacs_per_image"], r["images_per_s"]), fontsize=6,
