@@ -113,8 +113,9 @@ PRESETS = {
                BRA_GRID_SPECS),
         # one thread: on a shared 2-core machine it halves the run-to-run spread of the timings
         # three processes per case: one process's timings can sit 2x off another's on this VM
-        Preset("ci", "small and fast, for the perf gate (512 px at stride 4, one thread, each case the median of "
-               "3 processes)", CI_SPECS, (512,), threads=1, repeat=3),
+        # 256 px (64x64 tokens): every case under 0.3 s a call, so bench gate's 20 processes take minutes
+        Preset("ci", "small and fast, for the perf gate (256 px at stride 4, one thread; bench run: each case the "
+               "median of 3 processes)", CI_SPECS, (256,), threads=1, repeat=3),
         ModelPreset("backbones", "whole networks: BiFormer-T/S/B and Swin-T/S/B at 224 px, batch 64; the STL network "
                     "with each mechanism at 224, 512x2048 and 800x1280, batch 1 (global attention at 512x2048 on a GPU only)",
                     BACKBONE_CASES, BACKBONE_GPU_CASES),
