@@ -1,0 +1,145 @@
+"""`bench gate`: the statistics on their own, and one A/B run on a scratch repository with a
+slowdown planted in its working tree (never in the product)."""
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from attnbench import gate
+from attnbench.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+def test_signed_rank_p_is_exact_on_cases_counted_by_hand():
+    assert gate.signed_rank_p([0.1] * 5) == 1 / 32  # all five up: one pattern in 32
+    assert gate.signed_rank_p([0.1] * 10) == 1 / 1024
+    # ranks 1, 2, 3 with signs +, -, +: W+ = 4; of the 8 sign patterns, W+ in {4, 5, 6} for 3
+    assert gate.signed_rank_p([1.0, -2.0, 3.0]) == 3 / 8
+    assert gate.signed_rank_p([-0.1] * 5) == 1.0
+    assert gate.signed_rank_p([]) == 1.0
+    # ties share their mean rank: |1|, |-1| both rank 1.5; W+ = 1.5, and 7 of the 8 patterns reach it
+    assert gate.signed_rank_p([1.0, -1.0, -3.0]) == 7 / 8
+
+
+def test_the_bootstrap_interval_holds_the_median_and_narrows_with_agreement():
+    wide = [0.8, 0.9, 1.0, 1.1, 1.3, 0.95, 1.05, 1.2, 0.85, 1.15]
+    lo, hi = gate.bootstrap_ci(wide)
+    assert lo <= sorted(wide)[4] and hi >= sorted(wide)[5]
+    tight_lo, tight_hi = gate.bootstrap_ci([1.0 + 0.001 * i for i in range(10)])
+    assert tight_hi - tight_lo < (hi - lo) / 10
+
+
+def _rounds(ms: float, drift: list[float], per_round: int = 5) -> list[list[float]]:
+    return [[ms * d * (1 + 0.01 * (k - 2)) for k in range(per_round)] for d in drift]
+
+
+DRIFT = [1.0, 1.3, 0.9, 1.2, 1.1, 0.8, 1.25, 1.05, 0.95, 1.15]  # the machine's speed, round by round
+
+
+def test_a_consistent_slowdown_is_found_through_the_machines_drift():
+    base = _rounds(10.0, DRIFT)
+    slower = _rounds(11.0, DRIFT)  # 10% slower in every round, while the rounds move 30%
+    v = gate.decide("window", base, slower, gate.Settings())
+    assert v.verdict == "slower" and v.ratio == pytest.approx(1.1)
+    assert v.p_slower == 1 / 1024
+    assert v.ci[0] > 1.05
+
+
+def test_small_or_inconsistent_differences_are_the_same():
+    base = _rounds(10.0, DRIFT)
+    assert gate.decide("a", base, _rounds(10.3, DRIFT), gate.Settings()).verdict == "same"  # under the minimum effect
+    mixed = [[x * (1.2 if i % 2 else 0.9) for x in r] for i, r in enumerate(base)]
+    v = gate.decide("b", base, mixed, gate.Settings())
+    assert v.verdict == "same" and v.p_slower > 0.01
+    assert gate.decide("c", base, _rounds(8.0, DRIFT), gate.Settings()).verdict == "faster"
+
+
+def test_macs_and_memory_are_compared_exactly():
+    v = gate.decide("x", _rounds(1.0, DRIFT), _rounds(1.0, DRIFT), gate.Settings())
+    assert gate.exact_checks(v, {"macs": 10, "peak_bytes": 100}, {"macs": 10, "peak_bytes": 101}, 0.02).verdict == "same"
+    assert gate.exact_checks(v, {"macs": 10, "peak_bytes": 100}, {"macs": 10, "peak_bytes": 103}, 0.02).verdict == "memory grew"
+    assert gate.exact_checks(v, {"macs": 10, "peak_bytes": 100}, {"macs": 11, "peak_bytes": 100}, 0.02).verdict == "macs differ"
+
+
+# -- a whole gate run ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scratch_repo(tmp_path_factory):
+    """The package as it is in this checkout, committed in a repository of its own."""
+    repo = tmp_path_factory.mktemp("gate") / "repo"
+    shutil.copytree(ROOT / "attnbench", repo / "attnbench", ignore=shutil.ignore_patterns("__pycache__"))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    return repo
+
+
+SLOW = '''
+import time as _time
+
+_forward = WindowAttention.forward
+
+
+def _slow_forward(self, x):
+    _time.sleep(0.002)  # planted by the gate test: a slowdown of a few times this case's latency
+    return _forward(self, x)
+
+
+WindowAttention.forward = _slow_forward
+'''
+
+
+def test_a_planted_slowdown_fails_the_gate_and_the_unchanged_case_passes(scratch_repo, monkeypatch, tmp_path):
+    window = scratch_repo / "attnbench" / "attention" / "window.py"
+    original = window.read_text()
+    assert "class WindowAttention" in original
+    window.write_text(original + SLOW)  # uncommitted: the working tree is the slower side
+    monkeypatch.chdir(scratch_repo)
+    try:
+        result = bench("gate", "--base", "HEAD", "--methods", "full,window:window_size=4", "--resolution", "64",
+                       "--rounds", "5", "--alpha", "0.05", "--factor", "1.3", "--threads", "1", "--out", str(tmp_path / "g"))
+    finally:
+        window.write_text(original)
+    assert result.exit_code == 1, result.output
+    raw = json.loads((tmp_path / "g" / "gate.json").read_text())
+    found = {v.case: v for v in gate.verdicts(raw, gate.Settings(rounds=5, alpha=0.05, factor=1.3))}
+    assert found["window:window_size=4"].verdict == "slower" and found["window:window_size=4"].ratio > 2
+    assert found["full"].verdict == "same"
+    assert [r["order"] for r in raw["rounds"]][:2] == [["base", "current"], ["current", "base"]]
+    assert all(len(r[side]["cases"][0]["samples_ms"]) >= 5 for r in raw["rounds"] for side in ("base", "current"))
+    assert (tmp_path / "g" / "gate.md").read_text().count("| slower") == 1
+    assert "window:window_size=4" in result.output and "gate failed" in result.output
+    # the base's worktree is gone
+    listed = subprocess.run(["git", "-C", str(scratch_repo), "worktree", "list"], capture_output=True, text=True).stdout
+    assert len(listed.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--base", "no-such-ref"], ["--base no-such-ref", "not a commit"]),
+    (["--base", "HEAD", "--rounds", "3"], ["--rounds 3", "at least 5"]),
+    (["--base", "HEAD", "--preset", "backbones"], ["whole networks"]),
+    (["--base", "HEAD", "--methods", "nope"], ["nope"]),
+])
+def test_bad_gate_input_exits_2(scratch_repo, monkeypatch, args, words):
+    monkeypatch.chdir(scratch_repo)
+    result = bench("gate", *args)
+    assert result.exit_code == 2, result.output
+    for w in words:
+        assert w in result.output
+
+
+def test_outside_a_repository_the_gate_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = bench("gate", "--base", "HEAD")
+    assert result.exit_code == 2 and "not inside a git repository" in result.output
