@@ -1,19 +1,22 @@
 """`bench gate`: the perf gate as an interleaved A/B run of two code versions on one machine.
 
 The base version (a git ref, checked out into a temporary worktree) and the current working
-tree (uncommitted changes included) each time every case of a preset, in rounds: each round
-runs one fresh process per side (:mod:`attnbench.gate_worker`, the same timing loop for both),
-in alternating order (base first in even rounds, current first in odd ones), so that drift
-over the run and the order within a round fall on both sides alike. Every raw sample is kept.
+tree (uncommitted changes included) time every case of a preset in rounds. Each round starts
+one fresh process per side (:mod:`attnbench.gate_worker`, the same timing loop for both),
+keeps both alive, and for each case alternates short bursts of timed calls between them
+(A B, B A, A B, ...), so that both sides see the same moments of the machine: on this shared
+VM a case's speed shifts by up to 1.5x for seconds at a time, which no comparison of runs made
+at different moments survives, while bursts 30 ms apart cancel it. The pairs of a case
+continue until the mean log ratio of its pairs is known to ``pair_se`` or ``max_pairs``
+are spent (an adaptive sample count). Fresh processes every round vary what a process
+fixes (memory layout, caches). Every raw sample is kept.
 
-A case is decided on its per-round ratios r_i = median(current samples of round i) /
-median(base samples of round i): a process's timings move together, so the process, not the
-sample, is the unit, and pairing the two processes of a round cancels what the machine did
-meanwhile. It is a regression when the one-sided Wilcoxon signed-rank test on log r_i gives
-p < ``alpha`` *and* the median ratio is above ``factor`` (a minimum effect, so that a
-significant 1% does not fail a change); an improvement mirrors it. The interval is a
-bootstrap (over rounds) of the median ratio. MACs and peak memory are compared exactly
-between the two sides, from the first round.
+A round's ratio for a case is the median over its pairs of median(current burst) /
+median(base burst). A case is a regression when the one-sided exact Wilcoxon signed-rank
+test on the rounds' log ratios gives p < ``alpha`` *and* the median ratio exceeds ``factor``
+(a minimum effect, so that a significant 1% does not fail a change); an improvement mirrors
+it. The interval is a bootstrap (over rounds) of the median ratio. MACs and peak memory are
+compared exactly between the two sides, from the first round.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ from typing import Any, Callable, Iterator
 from .schema import Case
 
 WORKER = Path(__file__).with_name("gate_worker.py")
+# glibc's malloc moves its mmap threshold as a process frees large blocks, so whether a
+# case's buffers are mapped afresh (page faults on every call) or reused depends on what the
+# process ran before: fixed thresholds took BRA's round-to-round spread from 0.165 to 0.021
+# (sd of the log ratio, 6 rounds each). Ignored where malloc is not glibc's; the user's own
+# settings win.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 CASE_FIELDS = ("spec", "resolution", "stride", "dim", "heads", "batch", "dtype", "mode", "device", "threads")
 
 
@@ -42,10 +51,10 @@ class Settings:
     rounds: int = 10
     factor: float = 1.05  # minimum effect: a regression's median ratio is above this
     alpha: float = 0.01  # one-sided significance level of the signed-rank test
-    min_samples: int = 5
-    min_s: float = 0.15  # seconds of samples per case per process, at least ...
-    max_s: float = 0.6  # ... and at most, stopping early once the IQR is within rel_iqr of the median
-    rel_iqr: float = 0.03
+    burst_s: float = 0.03  # seconds of one side's timed calls before the other side's turn
+    min_pairs: int = 4  # pairs of bursts per case per round, at least ...
+    max_pairs: int = 16  # ... and at most, stopping once the mean log ratio's standard error is under pair_se
+    pair_se: float = 0.01
     mem_tol: float = 0.02  # peak memory growth that fails
 
     def check(self) -> None:
@@ -112,11 +121,14 @@ class Verdict:
     detail: str = ""
 
 
-def decide(name: str, base_rounds: list[list[float]], cur_rounds: list[list[float]], settings: Settings) -> Verdict:
-    """A case's verdict from each round's raw samples on both sides."""
-    b = [statistics.median(s) for s in base_rounds]
-    c = [statistics.median(s) for s in cur_rounds]
-    ratios = [ci / bi for bi, ci in zip(b, c)]
+def round_ratio(pairs: list[tuple[list[float], list[float]]]) -> float:
+    """One round's ratio for a case: the median over its pairs of bursts (base samples,
+    current samples) of median(current) / median(base)."""
+    return statistics.median(statistics.median(c) / statistics.median(b) for b, c in pairs)
+
+
+def decide(name: str, ratios: list[float], base_ms: float, current_ms: float, settings: Settings) -> Verdict:
+    """A case's verdict from its per-round ratios current / base."""
     logs = [math.log(r) for r in ratios]
     ratio = statistics.median(ratios)
     p_slower = signed_rank_p(logs)
@@ -127,8 +139,7 @@ def decide(name: str, base_rounds: list[list[float]], cur_rounds: list[list[floa
         verdict = "faster"
     else:
         verdict = "same"
-    return Verdict(name, statistics.median(b), statistics.median(c), ratio, bootstrap_ci(ratios), p_slower, p_faster,
-                   verdict)
+    return Verdict(name, base_ms, current_ms, ratio, bootstrap_ci(ratios), p_slower, p_faster, verdict)
 
 
 def exact_checks(verdict: Verdict, base: dict[str, Any], cur: dict[str, Any], mem_tol: float) -> Verdict:
@@ -183,47 +194,113 @@ def case_fields(case: Case) -> dict[str, Any]:
     return {k: fields[k] for k in CASE_FIELDS}
 
 
-def run_side(tree: Path, cases: list[Case], threads: int, settings: Settings, exact: bool, timeout_s: float = 900
-             ) -> dict[str, Any]:
-    """One fresh process timing every case with the code in ``tree``."""
+class _Side:
+    """A worker process for one side of a round: started, warmed up, told what to time."""
+
+    def __init__(self, tree: Path, job: Path, errors: Path) -> None:
+        env = {**MALLOC, **os.environ, "PYTHONPATH": str(tree) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "PYTHONDONTWRITEBYTECODE": "1"}  # nothing written into either tree
+        self.tree, self.errors = tree, errors
+        with errors.open("w") as err:  # a file, not a pipe: a chatty worker never blocks on it
+            self.proc = subprocess.Popen([sys.executable, str(WORKER), str(job)], env=env, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, text=True)
+
+    def answer(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(30)
+            raise RuntimeError(f"the gate worker for {self.tree} failed (exit {self.proc.returncode}): "
+                               f"{self.errors.read_text().strip()[-1500:]}")
+        return json.loads(line)
+
+    def burst(self, case: int, seconds: float) -> list[float]:
+        self.proc.stdin.write(json.dumps({"case": case, "seconds": seconds}) + "\n")
+        self.proc.stdin.flush()
+        return self.answer()["samples_ms"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"stop": True}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self.proc.wait()
+
+
+def run_round(trees: dict[str, Path], cases: list[Case], threads: int, settings: Settings, exact: bool,
+              first: str, cpus: list[int] | None = None) -> dict[str, Any]:
+    """One round: a fresh process per side (``trees`` names "base" and the others), all alive;
+    for each case, groups of one burst per side ("pairs" for two sides) in alternating
+    (rotating, for more sides) order, ``first`` opening, until every side's log ratio to the
+    base is known to ``pair_se`` or ``max_pairs`` groups are spent. ``cpus``: the cores both processes are pinned to (one side
+    on a faster core than the other would read as a difference in the code)."""
+    names = [first] + [n for n in trees if n != first]
     with tempfile.TemporaryDirectory(prefix="bench-gate-") as tmp:
-        job, answer = Path(tmp) / "job.json", Path(tmp) / "answer.json"
+        job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"cases": [case_fields(c) for c in cases], "threads": threads, "exact": exact,
-                                   "min_samples": settings.min_samples, "min_s": settings.min_s,
-                                   "max_s": settings.max_s, "rel_iqr": settings.rel_iqr}))
-        env = {**os.environ, "PYTHONPATH": str(tree) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        env["PYTHONDONTWRITEBYTECODE"] = "1"  # nothing written into either tree
-        proc = subprocess.run([sys.executable, str(WORKER), str(job), str(answer)], env=env, capture_output=True,
-                              text=True, timeout=timeout_s)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the worker for {tree} failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
-        return json.loads(answer.read_text())
+                                   "cpus": cpus}))
+        sides = {n: _Side(trees[n], job, Path(tmp) / f"{n}.err") for n in names}
+        try:
+            ready = {n: side.answer() for n, side in sides.items()}
+            out: dict[str, Any] = {"order": names, "exact": {n: r["exact"] for n, r in ready.items()}, "cases": []}
+            for j in range(len(cases)):
+                pairs: list[dict[str, list[float]]] = []
+                logs: dict[str, list[float]] = {n: [] for n in names if n != "base"}
+                while len(pairs) < settings.max_pairs:
+                    k = len(pairs)
+                    order = names[k % len(names):] + names[:k % len(names)] if len(names) > 2 else \
+                        (names if k % 2 == 0 else names[::-1])
+                    pair = {n: sides[n].burst(j, settings.burst_s) for n in order}
+                    pairs.append(pair)
+                    for n in logs:
+                        logs[n].append(math.log(statistics.median(pair[n]) / statistics.median(pair["base"])))
+                    if len(pairs) >= settings.min_pairs and all(
+                            statistics.stdev(x) / math.sqrt(len(x)) < settings.pair_se for x in logs.values()):
+                        break
+                out["cases"].append(pairs)
+            return out
+        finally:
+            for side in sides.values():
+                side.close()
 
 
 def run_gate(base_tree: Path, current_tree: Path, cases: list[Case], threads: int, settings: Settings,
-             progress: Callable[[int, str], None] | None = None) -> dict[str, Any]:
-    """Every round, both sides, alternating which goes first; all raw samples."""
-    sides = {"base": base_tree, "current": current_tree}
-    rounds: list[dict[str, Any]] = []
+             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Every round, alternating which side opens; all raw samples."""
+    trees = {"base": base_tree, "current": current_tree}
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    width = max(threads, 1)
+    rounds = []
     for i in range(settings.rounds):
-        order = ("base", "current") if i % 2 == 0 else ("current", "base")
-        this: dict[str, Any] = {"order": list(order)}
-        for side in order:
-            this[side] = run_side(sides[side], cases, threads, settings, exact=i == 0)
-            if progress:
-                progress(i, side)
-        rounds.append(this)
+        # each round on its own cores, in turn: both sides share them, and the rounds see every core
+        cpus = [cores[(i * width + k) % len(cores)] for k in range(width)] if cores and width < len(cores) else None
+        rounds.append(run_round(trees, cases, threads, settings, exact=i == 0, first="base" if i % 2 == 0 else "current",
+                                cpus=cpus))
+        if progress:
+            progress(i)
     return {"cases": [c.spec for c in cases], "rounds": rounds}
+
+
+def case_ratios(raw: dict[str, Any], j: int, side: str = "current") -> tuple[list[float], float, float]:
+    """Case j's per-round ratios side / base, and the medians over rounds of each side's median sample."""
+    ratios, base_ms, cur_ms = [], [], []
+    for r in raw["rounds"]:
+        pairs = r["cases"][j]
+        ratios.append(round_ratio([(p["base"], p[side]) for p in pairs]))
+        base_ms.append(statistics.median(x for p in pairs for x in p["base"]))
+        cur_ms.append(statistics.median(x for p in pairs for x in p[side]))
+    return ratios, statistics.median(base_ms), statistics.median(cur_ms)
 
 
 def verdicts(raw: dict[str, Any], settings: Settings) -> list[Verdict]:
     out = []
+    first = raw["rounds"][0]["exact"]
     for j, name in enumerate(raw["cases"]):
-        base = [r["base"]["cases"][j]["samples_ms"] for r in raw["rounds"]]
-        cur = [r["current"]["cases"][j]["samples_ms"] for r in raw["rounds"]]
-        v = decide(name, base, cur, settings)
-        first = raw["rounds"][0]
-        out.append(exact_checks(v, first["base"]["cases"][j], first["current"]["cases"][j], settings.mem_tol))
+        ratios, base_ms, cur_ms = case_ratios(raw, j)
+        v = decide(name, ratios, base_ms, cur_ms, settings)
+        out.append(exact_checks(v, first["base"][j], first["current"][j], settings.mem_tol))
     return out
 
 

@@ -1,8 +1,8 @@
 """How often `bench gate` flags an unchanged tree, and how often it catches a planted slowdown.
 
 Each repetition is one gate-sized run in which the base (the commit given, in a worktree)
-and three scratch copies of it take turns, round by round, each round one fresh worker
-process per side in a rotated order (the gate's own worker and timing loop):
+and three scratch copies of it take turns, with the gate's own rounds (one fresh worker per
+side, all alive, bursts in rotating order, the gate's worker and timing loop):
   same      the base's code, unchanged (false alarms);
   slow_one  every call of one mechanism (--slow-mechanism) made ``--slowdown`` slower;
   slow_all  every call of every mechanism made that much slower.
@@ -13,9 +13,10 @@ given, and also at smaller planted slowdowns where --slowdowns lists them.
 
     python benchmarks/gate_rates.py --base HEAD --repetitions 10 --out gate-rates.json
 
-Sharing rounds among four sides spaces each pair's two processes further apart than the
-gate's two-sided rounds do, which can only add noise: the rates are conservative for the
-gate itself.
+Sharing rounds among four sides spaces a pair's two bursts further apart than the gate's
+two-sided rounds do, which can only add noise: the rates are conservative for the gate
+itself. The smallest slowdown caught 9 times in 10 is estimated from the unchanged copy's
+measured samples scaled by 1 + s (--report prints it).
 """
 
 from __future__ import annotations
@@ -106,16 +107,13 @@ def main() -> None:
             "slow_one": scratch(base_tree, Path(tmp) / "one", {args.slow_mechanism}, factor),
             "slow_all": scratch(base_tree, Path(tmp) / "all", None, factor),
         }
-        names = list(sides)
         for rep in range(args.repetitions):
             started = time.time()
             rounds = []
             for i in range(settings.rounds):
-                order = names[i % 4:] + names[:i % 4]
-                this = {"order": order}
-                for side in order:
-                    this[side] = gate.run_side(sides[side], cases, chosen.threads, settings, exact=False)
-                rounds.append(this)
+                first = list(sides)[i % len(sides)]
+                rounds.append(gate.run_round(sides, cases, chosen.threads, settings, exact=False, first=first,
+                                             cpus=[i % 2] if len(gate.os.sched_getaffinity(0)) > 1 else None))
             raw_runs.append({"rounds": rounds, "seconds": time.time() - started})
             print(f"repetition {rep + 1}: {time.time() - started:.0f} s", flush=True)
             args.out.write_text(json.dumps({"cases": [c.spec for c in cases], "commit": commit,
@@ -124,32 +122,43 @@ def main() -> None:
     report(json.loads(args.out.read_text()))
 
 
+def verdicts_for(run: dict, specs: list[str], side: str, settings, scale: float = 1.0) -> dict:
+    """Each case's verdict for side against base in one repetition; ``scale`` multiplies the
+    side's ratios (a slowdown applied to the measured samples)."""
+    raw = {"cases": specs, "rounds": run["rounds"]}
+    out = {}
+    for j, spec in enumerate(specs):
+        ratios, b, c = gate.case_ratios(raw, j, side)
+        out[spec] = gate.decide(spec, [r * scale for r in ratios], b, c * scale, settings)
+    return out
+
+
 def report(data: dict) -> None:
     settings = gate.Settings(**data["settings"])
     specs = data["cases"]
     slow_one = [s for s in specs if s.split(":")[0] == data["slow_mechanism"]]
-    counts = {"same": 0, "slow_one": 0, "slow_all": 0}
-    per_case_alarms = 0
-    for run in data["runs"]:
-        for side in counts:
-            found = {}
-            for j, spec in enumerate(specs):
-                base = [r["base"]["cases"][j]["samples_ms"] for r in run["rounds"]]
-                cur = [r[side]["cases"][j]["samples_ms"] for r in run["rounds"]]
-                found[spec] = gate.decide(spec, base, cur, settings)
-            slower = {s for s, v in found.items() if v.verdict == "slower"}
-            if side == "same":
-                counts[side] += bool(slower)
-                per_case_alarms += len(slower)
-            elif side == "slow_one":
-                counts[side] += all(s in slower for s in slow_one)
-            else:
-                counts[side] += bool(slower)
     n = len(data["runs"])
-    print(f"{n} runs of {settings.rounds} rounds, planted slowdown {100 * data['slowdown']:.0f}%:")
-    print(f"  unchanged tree flagged in {counts['same']} of {n} runs ({per_case_alarms} case verdicts of {n * len(specs)})")
-    print(f"  slowdown in {data['slow_mechanism']} caught in {counts['slow_one']} of {n}")
-    print(f"  slowdown in every mechanism caught (at least one case) in {counts['slow_all']} of {n}")
+    alarms = caught_one = caught_all = alarm_cases = all_cases = 0
+    for run in data["runs"]:
+        same = {s for s, v in verdicts_for(run, specs, "same", settings).items() if v.verdict == "slower"}
+        alarms += bool(same)
+        alarm_cases += len(same)
+        one = {s for s, v in verdicts_for(run, specs, "slow_one", settings).items() if v.verdict == "slower"}
+        caught_one += set(slow_one) <= one
+        every = {s for s, v in verdicts_for(run, specs, "slow_all", settings).items() if v.verdict == "slower"}
+        caught_all += bool(every)
+        all_cases += len(every)
+    print(f"{n} runs of {settings.rounds} rounds, {len(specs)} cases, planted slowdown {100 * data['slowdown']:.0f}%:")
+    print(f"  unchanged copy flagged in {alarms} of {n} runs ({alarm_cases} of {n * len(specs)} case verdicts)")
+    print(f"  {data['slow_mechanism']} slowed: both its cases caught in {caught_one} of {n} runs")
+    print(f"  every mechanism slowed: gate failed in {caught_all} of {n} runs ({all_cases} of {n * len(specs)} cases caught)")
+    for s_pct in (2, 3, 4, 5, 6, 7, 8, 10, 15):
+        scale = 1 + s_pct / 100
+        per_case = sum(v.verdict == "slower" for run in data["runs"]
+                       for v in verdicts_for(run, specs, "same", settings, scale).values())
+        print(f"  unchanged samples x {scale:.2f}: {per_case} of {n * len(specs)} case verdicts 'slower'")
+    seconds = [r["seconds"] for r in data["runs"]]
+    print(f"  a repetition (4 sides) took {min(seconds):.0f}-{max(seconds):.0f} s")
 
 
 if __name__ == "__main__":

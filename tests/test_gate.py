@@ -41,33 +41,36 @@ def test_the_bootstrap_interval_holds_the_median_and_narrows_with_agreement():
     assert tight_hi - tight_lo < (hi - lo) / 10
 
 
-def _rounds(ms: float, drift: list[float], per_round: int = 5) -> list[list[float]]:
-    return [[ms * d * (1 + 0.01 * (k - 2)) for k in range(per_round)] for d in drift]
-
-
 DRIFT = [1.0, 1.3, 0.9, 1.2, 1.1, 0.8, 1.25, 1.05, 0.95, 1.15]  # the machine's speed, round by round
 
 
-def test_a_consistent_slowdown_is_found_through_the_machines_drift():
-    base = _rounds(10.0, DRIFT)
-    slower = _rounds(11.0, DRIFT)  # 10% slower in every round, while the rounds move 30%
-    v = gate.decide("window", base, slower, gate.Settings())
+def _pairs(ms: float, factor: float, drift: float, n: int = 6) -> list[tuple[list[float], list[float]]]:
+    """n pairs of bursts (base, current) at one moment's speed, each burst 5 samples."""
+    return [([ms * drift * (1 + 0.01 * (k - 2)) for k in range(5)],
+             [ms * factor * drift * (1 + 0.01 * (k - 2)) for k in range(5)]) for _ in range(n)]
+
+
+def test_a_rounds_ratio_pairs_bursts_so_the_machines_speed_cancels():
+    assert gate.round_ratio(_pairs(10.0, 1.1, 1.3)) == pytest.approx(1.1)
+    mixed = _pairs(10.0, 1.1, 0.7, 3) + _pairs(10.0, 1.1, 1.4, 4)  # the speed moved inside the round
+    assert gate.round_ratio(mixed) == pytest.approx(1.1)
+
+
+def test_a_consistent_slowdown_is_found_and_small_or_mixed_ones_are_not():
+    slower = [gate.round_ratio(_pairs(10.0, 1.1, d)) for d in DRIFT]  # 10% slower in every round
+    v = gate.decide("window", slower, 10.0, 11.0, gate.Settings())
     assert v.verdict == "slower" and v.ratio == pytest.approx(1.1)
-    assert v.p_slower == 1 / 1024
-    assert v.ci[0] > 1.05
-
-
-def test_small_or_inconsistent_differences_are_the_same():
-    base = _rounds(10.0, DRIFT)
-    assert gate.decide("a", base, _rounds(10.3, DRIFT), gate.Settings()).verdict == "same"  # under the minimum effect
-    mixed = [[x * (1.2 if i % 2 else 0.9) for x in r] for i, r in enumerate(base)]
-    v = gate.decide("b", base, mixed, gate.Settings())
+    assert v.p_slower == 1 / 1024 and v.ci[0] > 1.05
+    small = [1.03] * 10  # significant, but under the minimum effect
+    assert gate.decide("a", small, 10.0, 10.3, gate.Settings()).verdict == "same"
+    mixed = [1.2 if i % 2 else 0.9 for i in range(10)]
+    v = gate.decide("b", mixed, 10.0, 10.5, gate.Settings())
     assert v.verdict == "same" and v.p_slower > 0.01
-    assert gate.decide("c", base, _rounds(8.0, DRIFT), gate.Settings()).verdict == "faster"
+    assert gate.decide("c", [0.8] * 10, 10.0, 8.0, gate.Settings()).verdict == "faster"
 
 
 def test_macs_and_memory_are_compared_exactly():
-    v = gate.decide("x", _rounds(1.0, DRIFT), _rounds(1.0, DRIFT), gate.Settings())
+    v = gate.decide("x", [1.0] * 10, 1.0, 1.0, gate.Settings())
     assert gate.exact_checks(v, {"macs": 10, "peak_bytes": 100}, {"macs": 10, "peak_bytes": 101}, 0.02).verdict == "same"
     assert gate.exact_checks(v, {"macs": 10, "peak_bytes": 100}, {"macs": 10, "peak_bytes": 103}, 0.02).verdict == "memory grew"
     assert gate.exact_checks(v, {"macs": 10, "peak_bytes": 100}, {"macs": 11, "peak_bytes": 100}, 0.02).verdict == "macs differ"
@@ -117,7 +120,9 @@ def test_a_planted_slowdown_fails_the_gate_and_the_unchanged_case_passes(scratch
     assert found["window:window_size=4"].verdict == "slower" and found["window:window_size=4"].ratio > 2
     assert found["full"].verdict == "same"
     assert [r["order"] for r in raw["rounds"]][:2] == [["base", "current"], ["current", "base"]]
-    assert all(len(r[side]["cases"][0]["samples_ms"]) >= 5 for r in raw["rounds"] for side in ("base", "current"))
+    pairs = raw["rounds"][0]["cases"][0]
+    assert len(pairs) >= gate.Settings().min_pairs and all(p["base"] and p["current"] for p in pairs)
+    assert raw["rounds"][0]["exact"]["base"][0]["macs"] == raw["rounds"][0]["exact"]["current"][0]["macs"] > 0
     assert (tmp_path / "g" / "gate.md").read_text().count("| slower") == 1
     assert "window:window_size=4" in result.output and "gate failed" in result.output
     # the base's worktree is gone

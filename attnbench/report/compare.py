@@ -3,9 +3,8 @@
 - MACs do not depend on the machine: any change is reported, and fails unless accepted.
 - Peak memory barely does: it may grow by at most ``mem_tol``.
 - Latency does, so it is compared as a ratio to a reference measured in the same run:
-  fused full attention at the same shape, or, for that case itself and where it is
-  missing, the run's calibration GEMM. A machine that is uniformly slower moves the case
-  and its reference together and does not fail; a case fails only when its normalised
+  the run's calibration GEMM, a plain matmul that shares no code with the mechanisms. A
+  machine that is uniformly slower moves the case and its reference together and does not fail; a case fails only when its normalised
   latency grows past ``latency_tol`` *and* that growth, in the current run's
   milliseconds, is over ``floor_ms``.
 - A case that was ``ok`` and is now ``oom``, ``timeout`` or ``error`` fails.
@@ -22,7 +21,7 @@ import pandas as pd
 
 from ..schema import RESULT_KEY as KEY
 from ..schema import check_record
-from .table import is_reference, number, references, shape_of
+from .table import number
 
 NEEDED = ("macs", "latency_ms", "peak_mem_mb", "reference", "baseline")
 
@@ -93,11 +92,6 @@ class Row:
     fails: bool = False
 
 
-def _references(run: RunResults) -> dict[tuple, float]:
-    refs = {shape: number(r["latency_ms"]) for shape, r in references(run.records).items()}
-    return {shape: ms for shape, ms in refs.items() if ms}
-
-
 LABEL_EXTRAS = ("dim", "heads", "batch", "height", "width")  # key fields a label names only when they vary
 
 
@@ -127,7 +121,6 @@ def compare_runs(
 ) -> list[Row]:
     base_by = {tuple(r[k] for k in KEY): r for r in base.records}
     cur_by = {tuple(r[k] for k in KEY): r for r in cur.records}
-    base_ref, cur_ref = _references(base), _references(cur)
     every = base.records + cur.records
     resolutions = len({r["resolution"] for r in every})
     varying = tuple(f for f in LABEL_EXTRAS  # the grid follows the resolution unless the stride differs
@@ -160,7 +153,7 @@ def compare_runs(
                 elif cp < bp * (1 - mem_tol):
                     row.notes.append(f"peak {bp:.2f} -> {cp:.2f} MiB")
                     better = True
-            verdict = _latency(b, c, key, base_ref, cur_ref, base.gemm_gflops, cur.gemm_gflops, latency_tol, floor_ms)
+            verdict = _latency(b, c, base.gemm_gflops, cur.gemm_gflops, latency_tol, floor_ms)
             if verdict:
                 note, sign = verdict
                 row.notes.append(note)
@@ -176,18 +169,17 @@ def compare_runs(
     return rows
 
 
-def _latency(b, c, key, base_ref, cur_ref, base_gemm, cur_gemm, tol, floor_ms):
+def _latency(b, c, base_gemm, cur_gemm, tol, floor_ms):
     """(note, +1 worse / -1 better / 0 same), or None when latency cannot be compared."""
     bl, cl = number(b["latency_ms"]), number(c["latency_ms"])
     if not bl or not cl:
         return None
-    shape = shape_of(c)
-    if not is_reference(c) and shape in base_ref and shape in cur_ref:
-        scale, against = cur_ref[shape] / base_ref[shape], "full attention"
-    elif base_gemm and cur_gemm:
+    # the reference is the calibration GEMM, a plain matmul that shares no code with the
+    # mechanisms: a change to full attention moves only full attention's verdict
+    if base_gemm and cur_gemm:
         scale, against = base_gemm / cur_gemm, "the calibration GEMM"  # a slower machine has a lower rate
     else:
-        return (f"latency {bl:.2f} -> {cl:.2f} ms, not compared (no reference in both runs)", 0)
+        return (f"latency {bl:.2f} -> {cl:.2f} ms, not compared (no calibration GEMM in both runs)", 0)
     expected = bl * scale  # the baseline's latency moved to this run's machine speed
     change = cl / expected - 1
     note = f"latency {cl:.2f} ms vs {expected:.2f} expected ({change:+.0%} relative to {against})"
