@@ -1026,9 +1026,9 @@ def gate_command(
     with gate.worktree(root, commit) as base_tree:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=False) as progress:
-            task = progress.add_task("rounds", total=2 * rounds)
+            task = progress.add_task("rounds", total=rounds)
             raw = gate.run_gate(base_tree, root, cases, threads, settings,
-                                progress=lambda i, side: progress.update(task, advance=1, description=f"round {i + 1}: {side}"))
+                                progress=lambda i: progress.update(task, advance=1, description=f"round {i + 1} done"))
     raw.update(base=base, base_commit=commit, current=str(root), settings=gate.asdict(settings))
     (folder / "gate.json").write_text(json.dumps(raw) + "\n")
     found = gate.verdicts(raw, settings)
