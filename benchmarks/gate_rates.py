@@ -138,19 +138,21 @@ def report(data: dict) -> None:
     specs = data["cases"]
     slow_one = [s for s in specs if s.split(":")[0] == data["slow_mechanism"]]
     n = len(data["runs"])
-    alarms = caught_one = caught_all = alarm_cases = all_cases = 0
+    alarms = caught_one = caught_all = alarm_cases = all_cases = bystanders = 0
     for run in data["runs"]:
         same = {s for s, v in verdicts_for(run, specs, "same", settings).items() if v.verdict == "slower"}
         alarms += bool(same)
         alarm_cases += len(same)
         one = {s for s, v in verdicts_for(run, specs, "slow_one", settings).items() if v.verdict == "slower"}
         caught_one += set(slow_one) <= one
+        bystanders += len(one - set(slow_one))
         every = {s for s, v in verdicts_for(run, specs, "slow_all", settings).items() if v.verdict == "slower"}
         caught_all += bool(every)
         all_cases += len(every)
     print(f"{n} runs of {settings.rounds} rounds, {len(specs)} cases, planted slowdown {100 * data['slowdown']:.0f}%:")
     print(f"  unchanged copy flagged in {alarms} of {n} runs ({alarm_cases} of {n * len(specs)} case verdicts)")
-    print(f"  {data['slow_mechanism']} slowed: both its cases caught in {caught_one} of {n} runs")
+    print(f"  {data['slow_mechanism']} slowed: all its cases caught in {caught_one} of {n} runs; other cases "
+          f"flagged: {bystanders} of {n * (len(specs) - len(slow_one))}")
     print(f"  every mechanism slowed: gate failed in {caught_all} of {n} runs ({all_cases} of {n * len(specs)} cases caught)")
     for s_pct in (2, 3, 4, 5, 6, 7, 8, 10, 15):
         scale = 1 + s_pct / 100
