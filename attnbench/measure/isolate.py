@@ -169,6 +169,20 @@ def run_isolated(
     return chosen
 
 
+def _wait(conn, timeout_s: float) -> bool:
+    """``conn.poll(timeout_s)`` in half-second slices: a Ctrl-C or SIGTERM that the kernel
+    hands to another thread of this process (rich's refresh thread) only runs its handler
+    when the main thread returns to Python, which one long poll would delay until the case
+    ends (a flaky hang of the interrupt test, found in CI)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if conn.poll(min(0.5, left)):
+            return True
+
+
 def _run_in_child(case: Case | ModelCase, mem_limit: int, timeout_s: float, budget_s: float, gemm_gflops: float | None,
                   plugins: tuple[str, ...], macs: tuple | None = None) -> Result | ModelResult:
     ctx = _context(plugins)
@@ -178,7 +192,7 @@ def _run_in_child(case: Case | ModelCase, mem_limit: int, timeout_s: float, budg
     proc.start()
     child.close()
     try:
-        if parent.poll(timeout_s):
+        if _wait(parent, timeout_s):
             try:
                 status, payload = parent.recv()
                 if status != "ok":
