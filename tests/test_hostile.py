@@ -86,14 +86,23 @@ def alive(pids: set[int]) -> set[int]:
     return left
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """In the child, before exec: SIGINT neither ignored nor blocked, whatever the test run inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -9), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_stopping_bench_ends_its_case_processes(sig, code, tmp_path):
     """A case that runs for a minute, and bench stopped under it: nothing it started survives
     it by more than a few seconds; a SIGTERM or Ctrl-C says how to resume."""
     out = tmp_path / "o"
     command = ["run", "-r", "2048", "-m", "full", "--dim", "16", "--device", "cpu", "--out", str(out)]
+    # SIGINT as a terminal gives it: a test run started in the background of a non-interactive
+    # shell (as CI may be) ignores SIGINT, and a child inherits that, so Ctrl-C could not be tested
     proc = subprocess.Popen([sys.executable, "-c", "from attnbench.cli import app; app()", *command],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
+                            preexec_fn=_sigint_as_from_a_terminal)
     try:
         started = set()
         deadline = time.monotonic() + 60
