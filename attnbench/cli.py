@@ -26,8 +26,8 @@ from rich.table import Table
 from .report import summary_markdown, summary_rows
 from .report.compare import compare_runs, environment_differences, gate_failed, key_differences, load_results
 from .report.table import COLUMNS
-from .schema import DTYPE_NAMES, key_of
-from .sweep import PRESETS, ModelPreset, ResultsStore, build_cases, preset
+from .schema import DTYPE_NAMES
+from .sweep import PRESETS, ModelPreset, ResultsStore, build_cases, preset, result_key
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="attnbench: what vision attention costs, and what it attends to.")
@@ -37,9 +37,12 @@ DEBUG = False  # bench --debug: let unexpected errors show their traceback
 console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 150)
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, executor: Any = None) -> str:
     """'auto' -> cuda when present, else cpu; 'cuda' -> 'cuda:<current>', so that every CUDA
-    call and every record names its GPU; anything else as given (checked later)."""
+    call and every record names its GPU; anything else as given (checked later). On a Ray
+    cluster (``executor``) 'auto' asks the cluster, and 'cuda' stays: each task gets its own GPU."""
+    if executor is not None and executor.name != "local":
+        return executor.default_device() if device == "auto" else device
     import torch
 
     if device == "auto":
@@ -288,15 +291,18 @@ def run_command(
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
     model: list[str] = typer.Option(None, "--model", help="a whole network: a name from bench list, stl:SPEC (the STL network with that mechanism), NAME@key=value,... for builder overrides (biformer_t@n_win=8); repeatable"),
     size: list[str] = typer.Option(None, "--size", help="image size HxW in pixels, e.g. 800x1280 (non-square); repeatable (a model's default 224x224)"),
+    executor: str = typer.Option("local", "--executor", help="where cases run: local (here, one after another) or ray (a task per case on a Ray cluster; pip install 'attnbench[ray]')"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="with --executor ray: the cluster's address (default: RAY_ADDRESS, else a local cluster)"),
 ) -> None:
     """Measure every mechanism of a preset (or --methods) at each resolution, or whole networks
     (--model, --preset backbones) at each --size; write results, a table and plots."""
     from .measure import check_case
 
     plugins = load_plugin_options(plugin)
+    runner = open_executor(executor, ray_address)
     if model or isinstance(PRESETS.get(preset_name), ModelPreset):
         return _run_models(model, size, preset_name, batch, dtype, mode, device, mem_limit, timeout, budget, compile_,
-                           threads, repeat, out, resume, retry_failed, force, plugins, given_layer_options=dict(
+                           threads, repeat, out, resume, retry_failed, force, plugins, runner, given_layer_options=dict(
                                resolution=resolution, methods=methods, stride=stride != 4, dim=dim != 64, heads=heads != 2))
     batch = 1 if batch is None else batch
     try:
@@ -304,7 +310,7 @@ def run_command(
             raise ValueError("--retry-failed needs --resume: it measures a run's failed cases again")
         chosen = preset(preset_name)
         specs = split_methods(methods) if methods else None
-        device = resolve_device(device)
+        device = resolve_device(device, runner)
         sizes = [parse_image_size(s) for s in size or []]
         resolutions = tuple(resolution) if resolution else (() if sizes else (chosen.resolutions or (1024,)))
         threads = chosen.threads if threads is None else threads
@@ -315,7 +321,7 @@ def run_command(
                       compile=compile_, threads=threads)
         cases = build_cases(specs or chosen.specs, resolutions + tuple(sizes), **fields)
         for case in cases:
-            check_case(case)  # mechanism, device and dtype, mode, resolution against the stride
+            check_case(case, here=runner.name == "local")  # mechanism, device and dtype, mode, resolution against the stride
         bound = parse_size(mem_limit, device) if mem_limit else None
         for name, value in (("--timeout", timeout), ("--budget", budget), ("--mem-limit", bound)):
             if value is not None and value <= 0:  # every case would be recorded timeout or oom, and kept
@@ -330,20 +336,7 @@ def run_command(
         config["sizes"] = sorted(f"{h}x{w}" for h, w in sizes)
     if repeat > 1:
         config["repeat"] = repeat
-    if plugins:
-        config["plugins"] = plugins
-    writing = ExitStack()
-    try:
-        writing.enter_context(store.writer())  # one writer per folder; --out checked before any work
-        foreign = store.foreign_files()
-        if foreign and not store.exists():
-            names = ", ".join(p.name for p in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise ValueError(f"{folder} holds files bench did not write ({names}); give an empty or new --out")
-    except ValueError as exc:
-        writing.close()
-        fail(str(exc))
-    with writing:
-        _run_cases(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed)
+    _run_in(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed, runner)
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -356,7 +349,7 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 
 def _run_models(models, sizes, preset_name, batch, dtype, mode, device, mem_limit, timeout, budget, compile_, threads,
-                repeat, out, resume, retry_failed, force, plugins, given_layer_options) -> None:
+                repeat, out, resume, retry_failed, force, plugins, runner, given_layer_options) -> None:
     """bench run for whole networks: --model at each --size, or a model preset."""
     from .measure.model import check_model_case
     from .sweep import build_model_cases
@@ -369,7 +362,7 @@ def _run_models(models, sizes, preset_name, batch, dtype, mode, device, mem_limi
         chosen = preset(preset_name)
         if models and isinstance(chosen, ModelPreset) and preset_name != "default":
             raise ValueError(f"--model replaces the preset's models; give --model or --preset {preset_name}, not both")
-        device = resolve_device(device)
+        device = resolve_device(device, runner)
         image_sizes = [parse_image_size(s) for s in sizes] if sizes else [(224, 224)]
         if models:
             entries = [(m, h, w, batch or 1) for m in models for h, w in image_sizes]
@@ -388,7 +381,7 @@ def _run_models(models, sizes, preset_name, batch, dtype, mode, device, mem_limi
         fields = dict(dtype=dtype, mode=mode, device=device, compile=compile_, threads=threads)
         cases = build_model_cases(entries, **fields)
         for case in cases:
-            check_model_case(case)
+            check_model_case(case, here=runner.name == "local")
         bound = parse_size(mem_limit, device) if mem_limit else None
         for name, value in (("--timeout", timeout), ("--budget", budget), ("--mem-limit", bound)):
             if value is not None and value <= 0:
@@ -403,20 +396,43 @@ def _run_models(models, sizes, preset_name, batch, dtype, mode, device, mem_limi
               "batch": batch, **fields}
     if repeat > 1:
         config["repeat"] = repeat
+    _run_in(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed, runner)
+
+
+def open_executor(name: str, address: str | None) -> Any:
+    """The executor for --executor/--ray-address (a Ray cluster is connected here), or exit 2."""
+    from .executors import make_executor
+
+    try:
+        return make_executor(name, address)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _run_in(store: ResultsStore, config: dict[str, Any], cases: list, bound: int | None, timeout: float, budget: float,
+            plugins: list[str], force: bool, resume: bool, retry_failed: bool, runner: Any) -> None:
+    """Hold the results folder (one writer at a time; --out checked before any work) and run the cases into it."""
     if plugins:
         config["plugins"] = plugins
     writing = ExitStack()
     try:
         writing.enter_context(store.writer())
-        foreign = [p for p in store.foreign_files() if p.name != "results.jsonl"]
-        if ResultsStore(folder).jsonl.exists() or (foreign and not store.exists()):
-            names = ", ".join(p.name for p in foreign[:5]) or "results.jsonl"
-            raise ValueError(f"{folder} holds files of another kind of run ({names}); give an empty or new --out")
+        other = ResultsStore(store.folder, models=not store.models)
+        foreign = store.foreign_files()
+        if other.jsonl.exists():
+            raise ValueError(f"{store.folder} holds another kind of run ({other.jsonl.name}); give an empty or new --out")
+        if foreign and not store.exists():
+            names = ", ".join(p.name for p in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ValueError(f"{store.folder} holds files bench did not write ({names}); give an empty or new --out")
     except ValueError as exc:
         writing.close()
+        runner.close()
         fail(str(exc))
     with writing:
-        _run_cases(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed)
+        try:
+            _run_cases(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed, runner)
+        finally:
+            runner.close()
 
 
 def config_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
@@ -440,15 +456,16 @@ def config_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[
 
 
 def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: int | None, timeout: float,
-               budget: float, plugins: list[str], force: bool, resume: bool, retry_failed: bool) -> None:
-    """bench run, once it holds the folder: set earlier results aside or resume them, calibrate,
-    measure each case not done yet, write the reports."""
-    from .measure import environment, gemm_gflops, run_isolated
-    from .measure.case import DTYPES, case_key
+               budget: float, plugins: list[str], force: bool, resume: bool, retry_failed: bool, runner: Any) -> None:
+    """bench run, once it holds the folder: set earlier results aside or resume them, calibrate
+    each machine, measure each case not done yet through the executor, write the reports."""
+    from .executors import Settings, combined_environment
+    from .measure.case import case_key
     from .measure.model import model_case_key
 
-    folder, threads, repeat = store.folder, config["threads"], config.get("repeat", 1)
+    folder, repeat = store.folder, config.get("repeat", 1)
     device, dtype, mode = config["device"], config["dtype"], config["mode"]
+    earlier_nodes: list[dict[str, Any]] = []
     if store.exists():
         old = store.config()
         if force:
@@ -460,6 +477,9 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
         elif old is not None and config_differences(old, config):
             fail(f"{folder} holds a run with other options ({'; '.join(config_differences(old, config))}); "
                  "--resume needs the same options, or use --out elsewhere")
+        if resume and store.env_path.exists():
+            earlier = json.loads(store.env_path.read_text())
+            earlier_nodes = earlier.get("nodes", [earlier])
 
     try:
         done = store.done() if resume else set()
@@ -467,48 +487,55 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
             retried = store.set_aside_failed()
             if retried:
                 console.print(f"measuring {len(retried)} failed cases again (their records: {store.retried_path})")
-                done -= {key_of(r) for r in retried}
+                done -= {result_key(r) for r in retried}
     except ValueError as exc:
         fail(str(exc))
-    from .measure.case import torch_threads
 
-    with torch_threads(threads):  # the calibration's; each case sets its own; restored however the run ends
-        env = environment(device)
-        console.print(f"calibrating: dense GEMM in {dtype} on {env['device_name']} ...")
-        env["gemm_gflops"] = gemm_gflops(device, DTYPES[dtype])
-        env["mem_limit_bytes"] = bound
-        store.start(config, env)
-        key = model_case_key if store.models else case_key
-        todo = [c for c in cases if key(c) not in done]
-        console.print(
-            f"{len(cases)} cases ({len(cases) - len(todo)} already done) -> {folder}  "
-            f"[GEMM {env['gemm_gflops']:.0f} GFLOP/s, {env['threads']} threads]"
-        )
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-        finished = 0
-        with interrupts_as_keyboard_interrupt() as received:
-            try:
-                with Progress(*columns, console=console, transient=False) as progress:
-                    task = progress.add_task("starting", total=len(todo))
-                    for case in todo:
-                        name = _case_name(case)
-                        progress.update(task, description=name)
-                        result = run_isolated(case, mem_limit_bytes=bound, timeout_s=timeout, budget_s=budget,
-                                              gemm_gflops=env["gemm_gflops"], plugins=tuple(plugins), repeat=repeat)
-                        store.append(result)
-                        finished += 1
-                        if result.status != "ok":
-                            progress.console.print(f"  {escape(name)}: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
-                        progress.advance(task)
-            except KeyboardInterrupt:  # the running case's process is killed on the way out (run_isolated)
-                console.print(f"[yellow]interrupted ({received[0] if received else 'SIGINT'})[/]: {finished} of {len(todo)} "
-                              f"cases finished and kept in {store.jsonl}; continue with the same command plus "
-                              f"--resume --out {folder}")
-                raise typer.Exit(143 if received and received[0] == "SIGTERM" else 130) from None
-        written = write_reports(store)
-        table = _models_table if store.models else _results_table
-        console.print(table(store.records(), f"{folder} ({device}, {dtype}, {mode})"))
-        console.print("wrote " + ", ".join(p.name for p in [store.jsonl, store.csv, store.env_path, *written]))
+    settings = Settings(device=device, dtype=dtype, threads=config["threads"], mem_limit_bytes=bound, timeout_s=timeout,
+                        budget_s=budget, plugins=tuple(plugins), repeat=repeat)
+    where = "this machine" if runner.name == "local" else "each node of the Ray cluster"
+    console.print(f"calibrating: dense GEMM in {dtype} on {where} ...")
+    try:
+        nodes = runner.calibrate(settings)
+    except ValueError as exc:
+        fail(str(exc))
+    machine = lambda n: (n.get("host"), n.get("device_name"), n.get("threads"))  # noqa: E731
+    seen = {machine(n) for n in nodes}
+    env = combined_environment(nodes + [n for n in earlier_nodes if machine(n) not in seen], runner.name)
+    store.start(config, env)
+    key = model_case_key if store.models else case_key
+    todo = [c for c in cases if key(c) not in done]
+    rates = ", ".join(f"{n['host']}: {n['device_name']}, GEMM {n['gemm_gflops']:.0f} GFLOP/s, {n['threads']} threads"
+                      for n in nodes)
+    console.print(f"{len(cases)} cases ({len(cases) - len(todo)} already done) -> {folder}  [{rates}]")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    finished = 0
+    with interrupts_as_keyboard_interrupt() as received:
+        try:
+            with Progress(*columns, console=console, transient=False) as progress:
+                task = progress.add_task("starting", total=len(todo))
+                names = {key(c): _case_name(c) for c in todo}
+                started = (lambda c: progress.update(task, description=_case_name(c))) if runner.name == "local" else None
+                if started is None:
+                    progress.update(task, description=f"on {len(nodes)} Ray node(s)")
+                for result in runner.run(todo, started):
+                    store.append(result)
+                    finished += 1
+                    if result.status != "ok":
+                        name = names.get(result_key(result), result.label)
+                        progress.console.print(f"  {escape(name)}: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
+                    progress.advance(task)
+        except KeyboardInterrupt:  # running cases' processes are killed on the way out (executor.close)
+            runner.close()
+            console.print(f"[yellow]interrupted ({received[0] if received else 'SIGINT'})[/]: {finished} of {len(todo)} "
+                          f"cases finished and kept in {store.jsonl}; continue with the same command plus "
+                          f"--resume --out {folder}")
+            raise typer.Exit(143 if received and received[0] == "SIGTERM" else 130) from None
+    written = write_reports(store)
+    table = _models_table if store.models else _results_table
+    console.print(table(store.records(), f"{folder} ({device}, {dtype}, {mode})"))
+    console.print("wrote " + ", ".join(p.name for p in [store.jsonl, store.csv, store.env_path, *written]))
+
 
 @app.command("plot")
 def plot_command(results: Path = typer.Argument(..., help="a results folder written by bench run")) -> None:
@@ -539,6 +566,28 @@ def plot_command(results: Path = typer.Argument(..., help="a results folder writ
         fail(str(exc))
     console.print((_models_table if store.models else _results_table)(records, str(results)))
     console.print("wrote " + ", ".join(p.name for p in written))
+
+
+@app.command("merge")
+def merge_command(
+    folders: list[Path] = typer.Argument(..., help="result folders written by bench run on different machines (or thread counts)"),
+    out: Path = typer.Option(..., "--out", help="a new folder for the merged results"),
+) -> None:
+    """Join result folders from several machines into one: each record keeps its machine (host,
+    device, threads), tables and plots split or label by it. A case measured on one machine in
+    two folders with different figures is refused (exit 2)."""
+    from .sweep import merge_stores
+
+    try:
+        store = merge_stores(folders, out)
+        written = write_reports(store)
+    except ValueError as exc:
+        fail(str(exc))
+    records = store.records()
+    machines = {(r.get("host"), r.get("device_name"), r.get("threads")) for r in records}
+    console.print((_models_table if store.models else _results_table)(records, f"{out} ({len(machines)} machines)"))
+    console.print(f"merged {len(records)} records from {len(folders)} folders; wrote " + ", ".join(
+        p.name for p in [store.jsonl, store.csv, store.env_path, *written]))
 
 
 @app.command("migrate")

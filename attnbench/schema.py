@@ -74,6 +74,10 @@ class Result:
     gemm_fraction: float | None = None  # gflops / the calibration GEMM's rate
     compile_s: float | None = None
     threads: int | None = None
+    # the machine that measured it (a sweep over a Ray cluster, or a merged store, holds several)
+    host: str = ""
+    device_name: str = ""
+    gemm_gflops: float | None = None  # that machine's calibration GEMM: gemm_fraction's denominator
     status: str = "ok"  # ok | oom | timeout | error
     error: str = ""
     reference: bool = False  # the suite's reference case (fused full attention): relative columns divide by it
@@ -93,6 +97,31 @@ SHAPE = RESULT_KEY[2:]  # what a case is, less the mechanism and its parameters
 
 def key_of(record: dict[str, Any]) -> tuple:
     return tuple(record[k] for k in RESULT_KEY)
+
+
+# what tells two measurements of one case apart in a store that joins machines (bench merge,
+# a Ray sweep over unlike nodes): the machine, and how many of its threads the case used
+MACHINE = ("host", "device_name", "threads")
+
+
+def machine_of(record: Any) -> tuple:
+    """A record's (host, device name, threads); "" or None where an older record lacks them."""
+    return tuple(record.get(k) if hasattr(record, "get") else record[k] for k in MACHINE)
+
+
+def machine_labels(records: list[dict[str, Any]]) -> list[str]:
+    """Per record, a label naming its machine by what differs between the records' machines
+    ("" for all where they were measured on one): the device name, the host, the threads."""
+    machines = [machine_of(r) for r in records]
+    varying = [i for i in range(len(MACHINE)) if len({m[i] for m in machines}) > 1]
+    labels = []
+    for m in machines:
+        host, name, threads = m
+        parts = [str(name or "?")] if 1 in varying else []
+        parts += [f"on {host or '?'}"] if 0 in varying else []
+        parts += [f"{threads if threads is not None else '?'} thread{'' if threads == 1 else 's'}"] if 2 in varying else []
+        labels.append(" ".join(parts))
+    return labels
 
 
 def shape_of(record: Any) -> tuple:
@@ -186,6 +215,9 @@ class ModelResult:
     ms_other: float | None = None
     breakdown_ms: float | None = None
     stages: str = ""  # JSON: stage ("1".."4", "head") -> {"macs": {component: n}, "ms": {component: ms}}
+    host: str = ""
+    device_name: str = ""
+    gemm_gflops: float | None = None
     status: str = "ok"
     error: str = ""
     schema: int = SCHEMA_VERSION

@@ -2,6 +2,8 @@
 installed distribution (examples/attnbench-linear, installed by the README's test command)
 through its entry point."""
 
+import os
+import signal
 from pathlib import Path
 
 from attnbench import load_plugins
@@ -10,3 +12,42 @@ ROOT = Path(__file__).resolve().parents[1]
 FILE_PLUGIN = ROOT / "examples" / "my_attention.py"
 
 load_plugins([str(FILE_PLUGIN)])
+
+
+def sigint_as_from_a_terminal() -> None:
+    """For Popen's preexec_fn: in the child, before exec, SIGINT neither ignored nor blocked,
+    whatever the test run inherited (CI started in the background ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def alive(pids: set[int]) -> set[int]:
+    left = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    left.add(pid)
+        except OSError:
+            pass
+    return left

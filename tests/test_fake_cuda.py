@@ -170,8 +170,8 @@ def spawned(fake, monkeypatch):
 
     monkeypatch.setattr(isolate, "_context", lambda plugins: mp.get_context("spawn"))
     real_run = isolate._run_in_child  # every case's process loads the fake first (gpu-check takes no --plugin)
-    monkeypatch.setattr(isolate, "_run_in_child", lambda case, mem, timeout, budget, gemm, plugins, macs=None:
-                        real_run(case, mem, timeout, budget, gemm, (CHILD_FAKE, *plugins), macs))
+    monkeypatch.setattr(isolate, "_run_in_child", lambda case, mem, timeout, budget, gemm, plugins, macs=None, cpus=():
+                        real_run(case, mem, timeout, budget, gemm, (CHILD_FAKE, *plugins), macs, cpus))
     # the calibration's 8192^2 GEMM would run on this CPU; it has its own test above
     real = measure.gemm_gflops
     monkeypatch.setattr(measure, "gemm_gflops", lambda device, dtype=torch.float32: real(device, dtype, n=64, budget_s=0.01))

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from attnbench.cli import app
-from conftest import ROOT
+from conftest import ROOT, alive, descendants, sigint_as_from_a_terminal
 
 runner = CliRunner()
 
@@ -33,7 +33,7 @@ def bench(*args):
 def test_a_size_that_cannot_fit_is_refused_before_it_is_built(args, words, tmp_path):
     result = bench(*args, "--out", tmp_path) if args[0] == "viz" else bench(*args)
     assert result.exit_code == 2, result.output
-    flat = result.output.replace("\n", " ")
+    flat = " ".join(result.output.split())
     for w in words:
         assert w in flat, (w, flat)
 
@@ -54,44 +54,6 @@ def test_nonsensical_bounds_are_refused_up_front(option, value, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid``, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
-
-
-def alive(pids: set[int]) -> set[int]:
-    left = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    left.add(pid)
-        except OSError:
-            pass
-    return left
-
-
-def _sigint_as_from_a_terminal() -> None:
-    """In the child, before exec: SIGINT neither ignored nor blocked, whatever the test run inherited."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
 @pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -9), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_stopping_bench_ends_its_case_processes(sig, code, tmp_path):
     """A case that runs for a minute, and bench stopped under it: nothing it started survives
@@ -102,7 +64,7 @@ def test_stopping_bench_ends_its_case_processes(sig, code, tmp_path):
     # shell (as CI may be) ignores SIGINT, and a child inherits that, so Ctrl-C could not be tested
     proc = subprocess.Popen([sys.executable, "-c", "from attnbench.cli import app; app()", *command],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"},
-                            preexec_fn=_sigint_as_from_a_terminal)
+                            preexec_fn=sigint_as_from_a_terminal)
     try:
         started = set()
         deadline = time.monotonic() + 60
@@ -248,7 +210,7 @@ def test_resume_takes_reordered_methods_and_names_the_option_that_differs(tmp_pa
     assert result.exit_code == 0 and "2 cases (2 already done)" in result.output, result.output
     result = bench("run", *two, "-m", "full,window:window_size=4", "--resume", "--heads", "4")
     assert result.exit_code == 2
-    flat = result.output.replace("\n", " ")
+    flat = " ".join(result.output.split())
     assert "heads 2 there, 4 now" in flat and "{" not in flat  # the option, not the whole configuration
 
 

@@ -6,12 +6,13 @@ from .case import check_case, check_device, run_case
 from .closed_form import closed_form_macs
 from .env import environment, gemm_gflops
 from .flops import MacCount, count_macs
-from .isolate import default_mem_limit_bytes, run_isolated
+from .isolate import default_mem_limit_bytes, failed_result, run_isolated
 from .memory import TensorMemoryTracker, peak_memory_bytes
 from .timing import Timing, time_call
 
 __all__ = [
     "RESULT_COLUMNS", "RESULT_KEY", "Case", "MacCount", "Result", "TensorMemoryTracker", "Timing", "check_case", "check_device",
-    "closed_form_macs", "count_macs", "default_mem_limit_bytes", "environment", "gemm_gflops", "peak_memory_bytes",
+    "closed_form_macs", "count_macs", "default_mem_limit_bytes", "environment", "failed_result", "gemm_gflops",
+    "peak_memory_bytes",
     "run_case", "run_isolated", "time_call",
 ]

@@ -23,15 +23,17 @@ DEVICE_DTYPES = {"cpu": ("float32", "bfloat16", "float64"), "cuda": ("float32", 
 MODE_MAC_FACTOR = {"fwd": 1, "fwdbwd": 3}
 
 
-def check_device(device: str, dtype: str) -> torch.device:
-    """The torch device for ``device`` (CUDA with its index), or a ValueError saying what is allowed."""
+def check_device(device: str, dtype: str, here: bool = True) -> torch.device:
+    """The torch device for ``device`` (CUDA with its index), or a ValueError saying what is allowed.
+    ``here=False``: for a case that runs on another machine (a Ray cluster's node), only the
+    name and the dtype are checked; the node's own checks come when the case runs."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
     if dev.type not in DEVICE_DTYPES:
         raise ValueError(f"unsupported device '{device}'; use cpu, cuda or cuda:N")
-    if dev.type == "cuda":
+    if dev.type == "cuda" and here:
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for, but this machine has no CUDA device (torch.cuda.is_available() is False)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -41,17 +43,18 @@ def check_device(device: str, dtype: str) -> torch.device:
         raise ValueError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
     if dtype not in DEVICE_DTYPES[dev.type]:
         raise ValueError(f"dtype {dtype} is not supported on {dev.type}; use one of {', '.join(DEVICE_DTYPES[dev.type])}")
-    if not supports_dtype(dev, DTYPES[dtype]):
+    if here and not supports_dtype(dev, DTYPES[dtype]):
         raise ValueError(f"dtype {dtype} is not supported by {dev} ({torch.cuda.get_device_name(dev.index)}: "
                          f"compute capability {'.'.join(map(str, torch.cuda.get_device_capability(dev.index)))}, "
                          "bfloat16 needs 8.0); use float32 or float16")
     return dev
 
 
-def check_case(case: Case) -> None:
-    """Every reason a case cannot run, found before anything runs: a ValueError."""
+def check_case(case: Case, here: bool = True) -> None:
+    """Every reason a case cannot run, found before anything runs: a ValueError. ``here=False``:
+    the device is another machine's (see :func:`check_device`)."""
     build_attention(case.spec, case.dim, case.heads)  # mechanism, parameters, dim/heads
-    check_device(case.device, case.dtype)
+    check_device(case.device, case.dtype, here)
     if case.mode not in MODES:
         raise ValueError(f"unknown mode '{case.mode}'; use one of {', '.join(MODES)}")
     if case.threads < 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,12 @@ def numerics() -> dict[str, Any]:
 
 
 def gemm_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None, budget_s: float = 1.0) -> float:
-    """Dense square GEMM rate in GFLOP/s (2 n^3 flops per call), median of timed runs."""
+    """Dense square GEMM rate in GFLOP/s (2 n^3 flops per call), median of timed runs. n: 8192
+    on CUDA; on the CPU 2048, or the smallest of 512 and 1024 whose call takes 50 ms (a dtype
+    the CPU has no fast kernel for, such as bfloat16 without AVX-512, takes a minute a call at
+    2048 and a fifth of a second at 512, at the same rate)."""
     dev = resolve(device)
-    n = n or (8192 if dev.type == "cuda" else 2048)
+    n = n or (8192 if dev.type == "cuda" else _cpu_gemm_side(dtype))
     median_ms = _time_gemm(dev, n, dtype, budget_s)  # its tensors are gone when it returns
     release_cache(dev)  # 768 MiB at n = 8192 in fp32: not to be held, or cached, through the sweep
     return 2 * n**3 / (median_ms * 1e-3) / 1e9
@@ -89,3 +93,16 @@ def _time_gemm(dev: torch.device, n: int, dtype: torch.dtype, budget_s: float) -
     b = torch.randn(n, n, device=place, dtype=dtype)
     out = torch.empty(n, n, device=place, dtype=dtype)
     return time_call(lambda: torch.mm(a, b, out=out), dev, budget_s=budget_s).median_ms
+
+
+def _cpu_gemm_side(dtype: torch.dtype) -> int:
+    n = 512
+    while n < 2048:
+        a = torch.randn(n, n, dtype=dtype)
+        a @ a  # the first call starts the thread pool
+        start = time.perf_counter()
+        a @ a
+        if time.perf_counter() - start >= 0.05:
+            break
+        n *= 2
+    return n

@@ -68,17 +68,19 @@ def _die_with(pid: int) -> None:
 
 
 def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...],
-           parent_pid: int, macs: tuple | None = None) -> None:
+           parent_pid: int, macs: tuple | None = None, cpus: tuple[int, ...] = ()) -> None:
     _die_with(parent_pid)
-    conn.send(_measure_here(case, mem_limit, budget_s, gemm_gflops, plugins, macs))
+    conn.send(_measure_here(case, mem_limit, budget_s, gemm_gflops, plugins, macs, cpus))
     conn.close()
 
 
 def _measure_here(case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...],
-                 macs: tuple | None = None) -> tuple[str, Any]:
-    """What a case's process does: plugins, device, memory bound, the measurement; the answer
-    ("ok", record) or (status, message) for the parent, which writes the record."""
+                 macs: tuple | None = None, cpus: tuple[int, ...] = ()) -> tuple[str, Any]:
+    """What a case's process does: plugins, CPUs, device, memory bound, the measurement; the
+    answer ("ok", record) or (status, message) for the parent, which writes the record."""
     try:
+        if cpus:
+            os.sched_setaffinity(0, cpus)  # before torch's thread pool starts: its threads inherit it
         load_plugins(plugins)  # already loaded when the forkserver preloaded them
         device = resolve(case.device)
         use(device)  # events, streams and scratch on the case's own GPU, not GPU 0
@@ -111,7 +113,8 @@ def _count_once(case: Case | ModelCase) -> tuple | None:
         return None
 
 
-def _failed(case: Case | ModelCase, status: str, error: str) -> Result | ModelResult:
+def failed_result(case: Case | ModelCase, status: str, error: str) -> Result | ModelResult:
+    """A record of ``case`` (either kind) that was not measured: ``status`` and why."""
     return _kind(case).failed_result(case, status, error)
 
 
@@ -136,6 +139,7 @@ def run_isolated(
     gemm_gflops: float | None = None,
     plugins: tuple[str, ...] = (),
     repeat: int = 1,
+    cpus: tuple[int, ...] = (),
 ) -> Result | ModelResult:
     """Measure ``case`` (a layer or a whole network) in a child process; never raises for the case's own failures.
     ``plugins``: files or modules the child loads first (those that define the case's mechanism).
@@ -143,13 +147,14 @@ def run_isolated(
     record whose median latency is the median of theirs (the lower one for an even count):
     on a shared machine a process's timings move together, by 10-50% from one process to
     the next, which more samples inside one process do not average out. Each process's
-    median is kept in ``process_medians_ms``. A process that fails ends the repetition."""
+    median is kept in ``process_medians_ms``. A process that fails ends the repetition.
+    ``cpus``: the logical CPUs the case's process may run on (all, where empty)."""
     if repeat < 1:
         raise ValueError(f"repeat = {repeat} must be >= 1")
     mem_limit = mem_limit_bytes if mem_limit_bytes is not None else default_mem_limit_bytes(case.device)
     estimate = _kind(case).estimate_peak_bytes(case)
     if estimate > REFUSE_FACTOR * mem_limit:
-        return _failed(
+        return failed_result(
             case,
             "oom",
             f"not run: estimated peak {estimate / 2**30:.1f} GiB is over {REFUSE_FACTOR:g}x "
@@ -158,7 +163,7 @@ def run_isolated(
     results = []
     macs = _count_once(case)
     for _ in range(repeat):
-        result = _run_in_child(case, mem_limit, timeout_s, budget_s, gemm_gflops, tuple(plugins), macs)
+        result = _run_in_child(case, mem_limit, timeout_s, budget_s, gemm_gflops, tuple(plugins), macs, tuple(cpus))
         if result.status != "ok":
             return result
         results.append(result)
@@ -184,10 +189,10 @@ def _wait(conn, timeout_s: float) -> bool:
 
 
 def _run_in_child(case: Case | ModelCase, mem_limit: int, timeout_s: float, budget_s: float, gemm_gflops: float | None,
-                  plugins: tuple[str, ...], macs: tuple | None = None) -> Result | ModelResult:
+                  plugins: tuple[str, ...], macs: tuple | None = None, cpus: tuple[int, ...] = ()) -> Result | ModelResult:
     ctx = _context(plugins)
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, case, mem_limit, budget_s, gemm_gflops, plugins, os.getpid(), macs),
+    proc = ctx.Process(target=_child, args=(child, case, mem_limit, budget_s, gemm_gflops, plugins, os.getpid(), macs, cpus),
                        daemon=True)
     proc.start()
     child.close()
@@ -196,17 +201,17 @@ def _run_in_child(case: Case | ModelCase, mem_limit: int, timeout_s: float, budg
             try:
                 status, payload = parent.recv()
                 if status != "ok":
-                    return _failed(case, status, payload)
+                    return failed_result(case, status, payload)
                 return ModelResult(**payload) if isinstance(case, ModelCase) else Result(**payload)
             except EOFError:
                 pass  # the child died before it could answer
         elif proc.is_alive():
-            return _failed(case, "timeout", f"no result within {timeout_s:g} s; the child was killed")
+            return failed_result(case, "timeout", f"no result within {timeout_s:g} s; the child was killed")
         proc.join(5)
         code = proc.exitcode
         if code is not None and code < 0 and -code == 9:
-            return _failed(case, "oom", "the child was killed (SIGKILL), most likely by the OOM killer")
-        return _failed(case, "error", f"the child process died with exit code {code}")
+            return failed_result(case, "oom", "the child was killed (SIGKILL), most likely by the OOM killer")
+        return failed_result(case, "error", f"the child process died with exit code {code}")
     finally:
         if proc.is_alive():
             proc.kill()

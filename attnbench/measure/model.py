@@ -99,11 +99,12 @@ def _build(case: ModelCase) -> torch.nn.Module:
     return build_model(case.model, **parse_overrides(case.overrides))
 
 
-def check_model_case(case: ModelCase) -> None:
-    """Every reason a model case cannot run, found before anything runs: a ValueError."""
+def check_model_case(case: ModelCase, here: bool = True) -> None:
+    """Every reason a model case cannot run, found before anything runs: a ValueError
+    (``here=False``: the device is another machine's, as in :func:`check_device`)."""
     with torch.device("meta"):
         _build(case)  # name, spec, overrides
-    check_device(case.device, case.dtype)
+    check_device(case.device, case.dtype, here)
     if case.mode not in MODES:
         raise ValueError(f"unknown mode '{case.mode}'; use one of {', '.join(MODES)}")
     if case.threads < 0:
