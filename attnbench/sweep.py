@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .schema import (MODEL_COLUMNS, RESULT_COLUMNS, Case, ModelCase, ModelResult, Result, check_model_record,
-                     check_record, key_of, model_key_of)
+                     check_record, key_of, machine_of, model_key_of)
 
 
 def result_key(record: dict[str, Any] | Result | ModelResult) -> tuple:
@@ -159,7 +159,8 @@ def build_model_cases(models: Iterable[tuple[str, int, int, int]], **fields: Any
 # what bench writes into a results folder; --force moves these and nothing else
 OWN_FILES = ("results.jsonl", "results.csv", "results.csv.tmp", "results.jsonl.tmp", "results.jsonl.partial",
              "results.schema1.jsonl", "results.retried.jsonl", "config.json", "env.json", "summary.md", "scaling.png", "scaling.svg",
-             "frontier.png", "frontier.svg", "params_*.png", "params_*.svg",
+             "frontier.png", "frontier.svg", "params_*.png", "params_*.svg", "scaling-*.png", "scaling-*.svg",
+             "frontier-*.png", "frontier-*.svg",
              "models.jsonl", "models.csv", "models.csv.tmp", "models.jsonl.tmp", "models.jsonl.partial",
              "models.retried.jsonl", "attention_share.*", "throughput_vs_macs.*", "stages.*")
 
@@ -351,3 +352,57 @@ class ResultsStore:
             writer.writeheader()
             writer.writerows(self.records())
         tmp.replace(self.csv)
+
+
+def _with_machine(record: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """``record`` naming its machine: records written before they did take their run's env.json."""
+    filled = dict(record)
+    for field in ("host", "device_name", "gemm_gflops", "threads"):
+        if filled.get(field) in (None, ""):
+            filled[field] = env.get(field, filled.get(field))
+    return filled
+
+
+def merge_stores(sources: list[Path | str], out: Path | str) -> ResultsStore:
+    """Join result folders from several machines (runs made without Ray) into a new folder
+    ``out``. Each record keeps its machine (host, device name, threads); a case measured on
+    one machine in two sources must be the same record in both, else a ValueError names it.
+    Nothing in the sources changes, and ``out`` must be new or empty."""
+    if len(sources) < 2:
+        raise ValueError("bench merge needs at least two result folders")
+    kinds = {}
+    for source in map(Path, sources):
+        found = [models for models in (False, True) if ResultsStore(source, models).jsonl.exists()]
+        if len(found) != 1:
+            raise ValueError(f"{source} is not a results folder (it holds {'no' if not found else 'two kinds of'} results)")
+        kinds[source] = found[0]
+    if len(set(kinds.values())) > 1:
+        raise ValueError("these folders hold different kinds of run (layer cases and whole networks); merge each kind apart")
+    models = next(iter(kinds.values()))
+    target = ResultsStore(out, models)
+    if target.folder.exists() and any(target.folder.iterdir()):
+        raise ValueError(f"--out {target.folder} is not empty; bench merge writes a new folder")
+    merged: dict[tuple, tuple[dict[str, Any], Path]] = {}
+    nodes: list[dict[str, Any]] = []
+    for source, _ in kinds.items():
+        store = ResultsStore(source, models)
+        env = json.loads(store.env_path.read_text()) if store.env_path.exists() else {}
+        nodes += env.get("nodes", [env] if env else [])
+        for record in map(lambda r: _with_machine(r, env), store.records()):
+            identity = result_key(record) + machine_of(record)
+            if identity in merged:
+                first, where = merged[identity]
+                differ = sorted(k for k in set(first) | set(record) if first.get(k) != record.get(k))
+                if differ:
+                    raise ValueError(
+                        f"{record['label']} ({', '.join(f'{k}={v}' for k, v in zip(('host', 'device', 'threads'), machine_of(record)))}) "
+                        f"is in {where} and in {source} with different figures ({', '.join(differ[:6])}); "
+                        "one machine's case must be measured once: leave one of the folders out, or rerun it")
+                continue
+            merged[identity] = (record, source)
+    unique_nodes = list({(n.get("host"), n.get("device_name"), n.get("threads")): n for n in nodes}.values())
+    with target.writer():
+        target.start({"merged_from": [str(s) for s in kinds]},
+                     {"executor": "merge", "merged_from": [str(s) for s in kinds], "nodes": unique_nodes})
+        target._replace_records([record for record, _ in merged.values()])
+    return target

@@ -14,9 +14,10 @@ from typing import Any
 
 import pandas as pd
 
-from ..schema import COMPONENTS
+from ..schema import COMPONENTS, MACHINE, machine_labels
 
-SETTING = ("batch", "dtype", "mode", "device")  # what one line or panel holds fixed besides the image size
+# what one line or panel holds fixed besides the image size; machine: where a store joins machines
+SETTING = ("batch", "dtype", "mode", "device", "machine")
 COMPONENT_NAMES = {"attention": "attention", "mlp": "MLP", "conv_norm": "conv + norm", "other": "other"}
 STAGE_NAMES = ("1", "2", "3", "4", "head")
 
@@ -25,6 +26,10 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(records)
     if df.empty:
         raise ValueError("no model results to report")
+    for field in MACHINE:
+        if field not in df:
+            df[field] = None  # records written before they named their machine
+    df["machine"] = machine_labels(records)
     df["size"] = df["height"].astype(str) + "x" + df["width"].astype(str)
     df["pixels"] = df["height"] * df["width"]
     ok = df["status"] == "ok"
@@ -58,6 +63,8 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, str]]:
             "attention % of MACs": _num(100 * r["attention_macs_share"], ".0f"),
             "status": r["status"] if ok else f"{r['status']}: {str(r.get('error', '')).splitlines()[0][:60] if r.get('error') else ''}",
         })
+        if r["machine"]:
+            rows[-1] = {"machine": r["machine"], **rows[-1]}
     return rows
 
 
@@ -130,7 +137,8 @@ def _groups(df: pd.DataFrame):
 
 
 def _setting_text(setting: dict[str, Any]) -> str:
-    return f"batch {setting['batch']}, {setting['dtype']}, {setting['mode']}, {setting['device']}"
+    text = f"batch {setting['batch']}, {setting['dtype']}, {setting['mode']}, {setting['device']}"
+    return text + (f", {setting['machine']}" if setting.get("machine") else "")
 
 
 def plot_attention_share(df: pd.DataFrame, out: Path, svg: bool = True) -> list[Path]:
@@ -191,9 +199,11 @@ def plot_throughput_vs_macs(df: pd.DataFrame, out: Path, gemm_gflops: float | No
         for _, r in group.iterrows():
             ax.annotate(str(r["label"]).removeprefix("stl:"), (r["gmacs_per_image"], r["images_per_s"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
-        if gemm_gflops:
+        own = group["gemm_gflops"].dropna().unique() if "gemm_gflops" in group else []
+        rate = float(own[0]) if len(own) == 1 else gemm_gflops  # the panel's machine's, where its records name it
+        if rate:
             xs = np.geomspace(group["gmacs_per_image"].min() * 0.8, group["gmacs_per_image"].max() * 1.25, 20)
-            ax.plot(xs, gemm_gflops / (2 * xs), "k--", lw=0.8, label=f"at the GEMM rate ({gemm_gflops:.0f} GFLOP/s)")
+            ax.plot(xs, rate / (2 * xs), "k--", lw=0.8, label=f"at the GEMM rate ({rate:.0f} GFLOP/s)")
             ax.legend(fontsize=7)
         ax.set_xscale("log")
         ax.set_yscale("log")

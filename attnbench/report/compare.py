@@ -153,7 +153,9 @@ def compare_runs(
                 elif cp < bp * (1 - mem_tol):
                     row.notes.append(f"peak {bp:.2f} -> {cp:.2f} MiB")
                     better = True
-            verdict = _latency(b, c, base.gemm_gflops, cur.gemm_gflops, latency_tol, floor_ms)
+            # each record's own machine's rate where it names one (a store may join machines), else the run's
+            verdict = _latency(b, c, b.get("gemm_gflops") or base.gemm_gflops, c.get("gemm_gflops") or cur.gemm_gflops,
+                               latency_tol, floor_ms)
             if verdict:
                 note, sign = verdict
                 row.notes.append(note)

@@ -5,6 +5,7 @@ settings are refused, never averaged."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..schema import params_of  # noqa: E402
-from .table import frame, references, shape_of  # noqa: E402
+from .table import _where, frame, references  # noqa: E402
 
 METRICS = [("latency_ms", "latency (ms)"), ("peak_mem_mb", "peak memory (MiB)"), ("gmacs", "GMACs")]
 
@@ -25,7 +26,8 @@ def _title(df: pd.DataFrame, what: str) -> str:
     devices = ", ".join(sorted(df["device"].astype(str).unique()))
     dtypes = ", ".join(sorted(df["dtype"].astype(str).unique()))
     modes = ", ".join(sorted(df["mode"].astype(str).unique()))
-    return f"{what} - {devices}, {dtypes}, {modes}"
+    machines = ", ".join(m for m in df["machine"].unique() if m) if "machine" in df else ""
+    return f"{what} - {devices}, {dtypes}, {modes}" + (f" - {machines}" if machines else "")
 
 
 def save_figure(fig, out: Path, name: str, svg: bool = True, dpi: int = 130) -> list[Path]:
@@ -51,7 +53,7 @@ def crossovers(df: pd.DataFrame) -> dict[str, int]:
     refs = references(df)
     out = {}
     for _, r in df[df["status"] == "ok"].sort_values("resolution").iterrows():
-        ref = refs.get(shape_of(r))
+        ref = refs.get(_where(r))
         if r["label"] not in out and ref is not None and r["label"] != ref["label"] and r["latency_ms"] < ref["latency_ms"]:
             out[r["label"]] = int(r["resolution"])
     return out
@@ -67,7 +69,7 @@ def _styles(labels: list[str]) -> dict[str, dict[str, Any]]:
     }
 
 
-def plot_scaling(df: pd.DataFrame, out: Path) -> list[Path]:
+def plot_scaling(df: pd.DataFrame, out: Path, suffix: str = "") -> list[Path]:
     ok = df[df["status"] == "ok"].copy()
     ok["gmacs"] = ok["macs"] / 1e9
     cross = crossovers(df)
@@ -93,10 +95,10 @@ def plot_scaling(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
     axes[0].set_title("latency; * = first resolution faster than fused full attention", fontsize=9)
     fig.suptitle(_title(df, "cost against token count (log-log, legend: fitted exponent)"))
-    return save_figure(fig, out, "scaling")
+    return save_figure(fig, out, "scaling" + suffix)
 
 
-def plot_frontier(df: pd.DataFrame, out: Path) -> list[Path]:
+def plot_frontier(df: pd.DataFrame, out: Path, suffix: str = "") -> list[Path]:
     ok = df[df["status"] == "ok"]
     res = int(ok["resolution"].max())
     at = ok[ok["resolution"] == res]
@@ -115,7 +117,7 @@ def plot_frontier(df: pd.DataFrame, out: Path) -> list[Path]:
         fig.text(0.01, -0.02, text, fontsize=8, ha="left", va="top", wrap=True)
     side = int(at["height"].iloc[0])
     ax.set_title(_title(df, f"cost frontier at {res} px ({side}x{side} tokens)"), fontsize=10)
-    return save_figure(fig, out, "frontier")
+    return save_figure(fig, out, "frontier" + suffix)
 
 
 def _numeric(values: list[str]) -> bool:
@@ -126,7 +128,7 @@ def _numeric(values: list[str]) -> bool:
     return True
 
 
-def plot_param_sweeps(df: pd.DataFrame, out: Path) -> list[Path]:
+def plot_param_sweeps(df: pd.DataFrame, out: Path, suffix: str = "") -> list[Path]:
     """Per mechanism, latency and peak memory against the parameters its cases vary, at
     the largest resolution: a line per implementation (or other non-numeric setting) for
     one numeric parameter with at least three values, a heatmap per implementation for
@@ -145,9 +147,9 @@ def plot_param_sweeps(df: pd.DataFrame, out: Path) -> list[Path]:
         fixed = ",".join(f"{c}={params[c].iloc[0]}" for c in params.columns if c not in varying)
         title = f"{mechanism}:{fixed} at {res} px" if fixed else f"{mechanism} at {res} px"
         if len(axes) == 1 and params[axes[0]].nunique() >= 3:
-            written += _sweep_lines(rows, params, axes[0], groups, out, title, f"params_{mechanism}")
+            written += _sweep_lines(rows, params, axes[0], groups, out, title, f"params_{mechanism}{suffix}")
         elif len(axes) == 2 and min(params[a].nunique() for a in axes) >= 2:
-            written += _sweep_heatmaps(rows, params, axes, groups, out, title, f"params_{mechanism}")
+            written += _sweep_heatmaps(rows, params, axes, groups, out, title, f"params_{mechanism}{suffix}")
     return written
 
 
@@ -217,5 +219,11 @@ def plot_all(records: list[dict[str, Any]], out: Path | str) -> list[Path]:
     df = frame(records)
     if df.empty or not (df["status"] == "ok").any():
         return []
-    check_one_setting(df)
-    return plot_scaling(df, out) + plot_frontier(df, out) + plot_param_sweeps(df, out)
+    written = []
+    for machine, part in df.groupby("machine", sort=True):  # a set of plots per machine where several measured
+        check_one_setting(part)
+        if not (part["status"] == "ok").any():
+            continue
+        suffix = "-" + re.sub(r"[^A-Za-z0-9.]+", "-", machine).strip("-") if machine else ""
+        written += plot_scaling(part, out, suffix) + plot_frontier(part, out, suffix) + plot_param_sweeps(part, out, suffix)
+    return written

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..schema import RESULT_KEY, SHAPE, params_of, shape_of
+from ..schema import MACHINE, RESULT_KEY, SHAPE, machine_labels, params_of, shape_of
 
 COLUMNS = [
     "mechanism",
@@ -36,12 +36,17 @@ __all__ = ["COLUMNS", "NOTE", "SHAPE", "frame", "is_reference", "number", "refer
 
 
 def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """The records as a frame, with ``tokens``; a ValueError if two records are one case
-    (every figure would have to pick or average one of them)."""
+    """The records as a frame, with ``tokens`` and ``machine`` (see :func:`machine_labels`); a
+    ValueError if two records are one case on one machine (every figure would have to pick or
+    average one of them)."""
     df = pd.DataFrame.from_records(records)
     if df.empty:
         return df
-    twice = df[df.duplicated(subset=list(RESULT_KEY), keep=False)]
+    for field in MACHINE:
+        if field not in df:
+            df[field] = None  # records written before they named their machine
+    df["machine"] = machine_labels(records)  # "" where one machine measured them all
+    twice = df[df.duplicated(subset=list(RESULT_KEY) + ["machine"], keep=False)]
     if not twice.empty:
         r = twice.iloc[0]
         raise ValueError(f"{len(twice)} records are the same case ({r['label']} at {r['resolution']} px, {r['dtype']}, "
@@ -58,7 +63,12 @@ def is_reference(r: Any) -> bool:
 def references(records: Any) -> dict[tuple, Any]:
     """The reference record per shape, from records (dicts) or a frame's rows."""
     rows = (r for _, r in records.iterrows()) if isinstance(records, pd.DataFrame) else records
-    return {shape_of(r): r for r in rows if is_reference(r)}
+    return {_where(r): r for r in rows if is_reference(r)}
+
+
+def _where(r: Any) -> tuple:
+    """A case's shape, on its machine: what a relative figure must hold fixed."""
+    return (r.get("machine", ""),) + shape_of(r)
 
 
 def number(x: Any) -> float | None:
@@ -71,7 +81,7 @@ def number(x: Any) -> float | None:
 
 
 def _baselines(df: pd.DataFrame) -> dict[tuple, Any]:
-    return {(r["mechanism"], r["params"], shape_of(r)): r for _, r in df.iterrows() if r["status"] == "ok"}
+    return {(r["mechanism"], r["params"], _where(r)): r for _, r in df.iterrows() if r["status"] == "ok"}
 
 
 def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
@@ -81,8 +91,8 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     refs, runs = references(df), _baselines(df)
     rows = []
     for _, r in df.iterrows():
-        ref = refs.get(shape_of(r))
-        base = runs.get((r["mechanism"], r["baseline"], shape_of(r))) if r["baseline"] else None
+        ref = refs.get(_where(r))
+        base = runs.get((r["mechanism"], r["baseline"], _where(r))) if r["baseline"] else None
         lat, iqr, mem, macs, rate, frac = (
             number(r.get(c)) for c in ("latency_ms", "latency_iqr_ms", "peak_mem_mb", "macs", "gflops", "gemm_fraction")
         )
@@ -96,7 +106,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
             vs_base = f"{base['latency_ms'] / lat:.3g}x ({','.join(f'{k}={v}' for k, v in sorted(changed))})"
         rows.append(
             [
-                r["label"],
+                f"{r['label']} · {r['machine']}" if r["machine"] else r["label"],
                 f"{r['height']}x{r['width']}",
                 f"{macs / 1e9:.3f}" if macs is not None else "-",
                 f"{lat:.2f} ± {iqr:.2f}" if ok and lat is not None else "-",
