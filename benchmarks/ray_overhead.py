@@ -59,7 +59,8 @@ def main() -> None:
     subprocess.run(ray + ["start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wall["ray-1cpu"] = bench("run", "--preset", args.preset, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}",
+        # auto: the cluster `ray start` started on this machine (its address and token found by Ray)
+        wall["ray-1cpu"] = bench("run", "--preset", args.preset, "--executor", "ray", "--ray-address", "auto",
                                  "--out", str(args.out / "ray-1cpu"))
     finally:
         subprocess.run(ray + ["stop"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

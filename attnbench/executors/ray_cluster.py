@@ -111,7 +111,11 @@ class RayExecutor:
             try:
                 self.ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ValueError(f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {exc}") from None
+                hint = "" if os.environ.get("RAY_AUTH_MODE") else (
+                    "; a cluster started with token authentication (Ray 2.60's default) needs RAY_AUTH_MODE=token "
+                    "here, with its token in ~/.ray/auth_token")
+                raise ValueError(f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: "
+                                 f"{exc}{hint}") from None
             self.started = True
         self.settings: Settings | None = None
         self.nodes: dict[str, dict[str, Any]] = {}
