@@ -113,9 +113,9 @@ def summary_markdown(records: list[dict[str, Any]], env: dict[str, Any] | None =
                      references: dict[str, tuple[int | None, int | None, str]] | None = None) -> str:
     parts = ["# Backbones\n"]
     if env:
-        parts.append(f"Machine: {env.get('device_name', '?')}, {env.get('threads', '?')} threads, torch "
-                     f"{env.get('torch', '?')}; GEMM {env.get('gemm_gflops', 0):.0f} GFLOP/s "
-                     f"({env.get('dtype', 'float32') if 'dtype' in env else 'the run dtype'}).\n")
+        from .table import machines_text
+
+        parts.append(machines_text(env) + "\n")
     parts.append("Latency: one call on the whole batch, median ± IQR after warm-up. Images/s: batch / median. "
                  "MACs: fvcore, one multiply-add = 1. Attention % of time: from forwards timed with hooks on "
                  "each component (separate calls from the latency).\n")

@@ -125,16 +125,25 @@ def summary_markdown(records: list[dict[str, Any]], env: dict[str, Any] | None =
     rows = summary_rows(records)
     lines = []
     if env:
-        lines.append(
-            f"Measured on {env.get('device_name', '?')} ({env.get('device', '?')}, {env.get('threads', '?')} threads), "
-            f"torch {env.get('torch', '?')}, attnbench commit {str(env.get('git_commit', '?'))[:12]}"
-            + (f", dense GEMM {env['gemm_gflops']:.0f} GFLOP/s" if env.get("gemm_gflops") else "")
-            + "."
-        )
-        lines.append("")
+        lines += [machines_text(env), ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
     for row in rows:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
     lines += ["", NOTE, ""]
     return "\n".join(lines)
+
+
+def machines_text(env: dict[str, Any]) -> str:
+    """What measured a store, from its env.json: a sentence for one machine, a list for several
+    (a Ray sweep over unlike nodes, or bench merge)."""
+    def one(n: dict[str, Any]) -> str:
+        return (f"{n.get('device_name', '?')} ({n.get('device', '?')}, {n.get('threads', '?')} threads"
+                + (f", host {n['host']}" if n.get("host") else "") + f"), torch {n.get('torch', '?')}, attnbench commit "
+                + str(n.get("git_commit", "?"))[:12]
+                + (f", dense GEMM {n['gemm_gflops']:.0f} GFLOP/s" if n.get("gemm_gflops") else ""))
+
+    nodes = env.get("nodes") or [env]
+    if len(nodes) == 1:
+        return f"Measured on {one({**env, **nodes[0]})}."
+    return f"Measured on {len(nodes)} machines:\n" + "\n".join(f"- {one(n)}" for n in nodes)
