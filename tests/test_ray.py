@@ -233,3 +233,37 @@ def test_ctrl_c_stops_a_ray_sweep_keeping_what_finished(hostile, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+class _Cluster:
+    """What RayExecutor reads of a cluster: its nodes (no Ray started)."""
+
+    def __init__(self, *nodes):
+        self._nodes = [{"NodeID": f"n{i}", "NodeManagerHostname": f"host{i}", "Alive": True, "Resources": r}
+                       for i, r in enumerate(nodes)]
+
+    def nodes(self):
+        return self._nodes
+
+
+def executor_on(*nodes, **settings):
+    from attnbench.executors import Settings
+    from attnbench.executors.ray_cluster import RayExecutor
+
+    runner = object.__new__(RayExecutor)  # no connection: only the resource logic
+    runner.ray = _Cluster(*nodes)
+    runner.settings = Settings(**{"device": "cpu", "dtype": "float32", "threads": 0, **settings})
+    return runner
+
+
+def test_what_a_task_holds_makes_its_measurement_exclusive():
+    gpu_node, cpu_node = {"CPU": 16, "GPU": 4}, {"CPU": 8}
+    assert executor_on(gpu_node, device="cuda")._resources() == {"num_gpus": 1, "num_cpus": 1}
+    assert executor_on(cpu_node, threads=4)._resources() == {"num_cpus": 4}
+    whole = executor_on(cpu_node)
+    assert whole._whole_node() and whole._resources(whole.ray.nodes()[0]) == {"num_cpus": 8}
+    cuda = executor_on(gpu_node, cpu_node, device="cuda")
+    assert [cuda._fits(n) for n in cuda.ray.nodes()] == [True, False]  # a CUDA case never lands on a node without a GPU
+    assert cuda.default_device() == "cuda" and executor_on(cpu_node).default_device() == "cpu"
+    with pytest.raises(ValueError, match="no node of the Ray cluster has a GPU"):
+        executor_on(cpu_node, device="cuda").calibrate(executor_on(cpu_node, device="cuda").settings)
