@@ -90,6 +90,20 @@ class Broken(_Plain):
 '''
 
 
+@pytest.fixture(scope="module", autouse=True)
+def registry_as_it_was():
+    """The hostile mechanisms these tests load into this process leave with the module: later
+    tests (bench viz draws every registered mechanism) never see them."""
+    from attnbench.attention import plugins, registry
+
+    mechanisms, loaded = dict(registry._REGISTRY), dict(plugins._loaded)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(mechanisms)
+    plugins._loaded.clear()
+    plugins._loaded.update(loaded)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
