@@ -26,7 +26,7 @@ from rich.table import Table
 from .report import summary_markdown, summary_rows
 from .report.compare import compare_runs, environment_differences, gate_failed, key_differences, load_results
 from .report.table import COLUMNS
-from .schema import DTYPE_NAMES
+from .schema import DTYPE_NAMES, machine_of
 from .sweep import PRESETS, ModelPreset, ResultsStore, build_cases, preset, result_key
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -499,9 +499,8 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
         nodes = runner.calibrate(settings)
     except ValueError as exc:
         fail(str(exc))
-    machine = lambda n: (n.get("host"), n.get("device_name"), n.get("threads"))  # noqa: E731
-    seen = {machine(n) for n in nodes}
-    env = combined_environment(nodes + [n for n in earlier_nodes if machine(n) not in seen], runner.name)
+    seen = {machine_of(n) for n in nodes}
+    env = combined_environment(nodes + [n for n in earlier_nodes if machine_of(n) not in seen], runner.name)
     store.start(config, env)
     key = model_case_key if store.models else case_key
     todo = [c for c in cases if key(c) not in done]
@@ -525,8 +524,7 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
                         name = names.get(result_key(result), result.label)
                         progress.console.print(f"  {escape(name)}: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
                     progress.advance(task)
-        except KeyboardInterrupt:  # running cases' processes are killed on the way out (executor.close)
-            runner.close()
+        except KeyboardInterrupt:  # running cases' processes are killed on the way out (runner.close in _run_in)
             console.print(f"[yellow]interrupted ({received[0] if received else 'SIGINT'})[/]: {finished} of {len(todo)} "
                           f"cases finished and kept in {store.jsonl}; continue with the same command plus "
                           f"--resume --out {folder}")
@@ -584,7 +582,7 @@ def merge_command(
     except ValueError as exc:
         fail(str(exc))
     records = store.records()
-    machines = {(r.get("host"), r.get("device_name"), r.get("threads")) for r in records}
+    machines = {machine_of(r) for r in records}
     console.print((_models_table if store.models else _results_table)(records, f"{out} ({len(machines)} machines)"))
     console.print(f"merged {len(records)} records from {len(folders)} folders; wrote " + ", ".join(
         p.name for p in [store.jsonl, store.csv, store.env_path, *written]))

@@ -400,7 +400,7 @@ def merge_stores(sources: list[Path | str], out: Path | str) -> ResultsStore:
                         "one machine's case must be measured once: leave one of the folders out, or rerun it")
                 continue
             merged[identity] = (record, source)
-    unique_nodes = list({(n.get("host"), n.get("device_name"), n.get("threads")): n for n in nodes}.values())
+    unique_nodes = list({machine_of(n): n for n in nodes}.values())
     with target.writer():
         target.start({"merged_from": [str(s) for s in kinds]},
                      {"executor": "merge", "merged_from": [str(s) for s in kinds], "nodes": unique_nodes})

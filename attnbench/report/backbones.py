@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..schema import COMPONENTS, MACHINE, machine_labels
+from ..schema import COMPONENTS, machine_labels
 
 # what one line or panel holds fixed besides the image size; machine: where a store joins machines
 SETTING = ("batch", "dtype", "mode", "device", "machine")
@@ -26,9 +26,6 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(records)
     if df.empty:
         raise ValueError("no model results to report")
-    for field in MACHINE:
-        if field not in df:
-            df[field] = None  # records written before they named their machine
     df["machine"] = machine_labels(records)
     df["size"] = df["height"].astype(str) + "x" + df["width"].astype(str)
     df["pixels"] = df["height"] * df["width"]

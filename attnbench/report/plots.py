@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..schema import params_of  # noqa: E402
-from .table import _where, frame, references  # noqa: E402
+from .table import frame, reference_key, references  # noqa: E402
 
 METRICS = [("latency_ms", "latency (ms)"), ("peak_mem_mb", "peak memory (MiB)"), ("gmacs", "GMACs")]
 
@@ -53,7 +53,7 @@ def crossovers(df: pd.DataFrame) -> dict[str, int]:
     refs = references(df)
     out = {}
     for _, r in df[df["status"] == "ok"].sort_values("resolution").iterrows():
-        ref = refs.get(_where(r))
+        ref = refs.get(reference_key(r))
         if r["label"] not in out and ref is not None and r["label"] != ref["label"] and r["latency_ms"] < ref["latency_ms"]:
             out[r["label"]] = int(r["resolution"])
     return out

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..schema import MACHINE, RESULT_KEY, SHAPE, machine_labels, params_of, shape_of
+from ..schema import RESULT_KEY, SHAPE, machine_labels, params_of, shape_of
 
 COLUMNS = [
     "mechanism",
@@ -31,7 +31,7 @@ NOTE = (
     "mechanism's own baseline implementation (e.g. BRA's official gather) by this row."
 )
 
-__all__ = ["COLUMNS", "NOTE", "SHAPE", "frame", "is_reference", "number", "references", "shape_of", "summary_markdown",
+__all__ = ["COLUMNS", "NOTE", "SHAPE", "frame", "is_reference", "number", "reference_key", "references", "shape_of", "summary_markdown",
            "summary_rows"]
 
 
@@ -42,9 +42,6 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame.from_records(records)
     if df.empty:
         return df
-    for field in MACHINE:
-        if field not in df:
-            df[field] = None  # records written before they named their machine
     df["machine"] = machine_labels(records)  # "" where one machine measured them all
     twice = df[df.duplicated(subset=list(RESULT_KEY) + ["machine"], keep=False)]
     if not twice.empty:
@@ -63,10 +60,10 @@ def is_reference(r: Any) -> bool:
 def references(records: Any) -> dict[tuple, Any]:
     """The reference record per shape, from records (dicts) or a frame's rows."""
     rows = (r for _, r in records.iterrows()) if isinstance(records, pd.DataFrame) else records
-    return {_where(r): r for r in rows if is_reference(r)}
+    return {reference_key(r): r for r in rows if is_reference(r)}
 
 
-def _where(r: Any) -> tuple:
+def reference_key(r: Any) -> tuple:
     """A case's shape, on its machine: what a relative figure must hold fixed."""
     return (r.get("machine", ""),) + shape_of(r)
 
@@ -81,7 +78,7 @@ def number(x: Any) -> float | None:
 
 
 def _baselines(df: pd.DataFrame) -> dict[tuple, Any]:
-    return {(r["mechanism"], r["params"], _where(r)): r for _, r in df.iterrows() if r["status"] == "ok"}
+    return {(r["mechanism"], r["params"], reference_key(r)): r for _, r in df.iterrows() if r["status"] == "ok"}
 
 
 def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
@@ -91,8 +88,8 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     refs, runs = references(df), _baselines(df)
     rows = []
     for _, r in df.iterrows():
-        ref = refs.get(_where(r))
-        base = runs.get((r["mechanism"], r["baseline"], _where(r))) if r["baseline"] else None
+        ref = refs.get(reference_key(r))
+        base = runs.get((r["mechanism"], r["baseline"], reference_key(r))) if r["baseline"] else None
         lat, iqr, mem, macs, rate, frac = (
             number(r.get(c)) for c in ("latency_ms", "latency_iqr_ms", "peak_mem_mb", "macs", "gflops", "gemm_fraction")
         )
