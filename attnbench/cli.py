@@ -1070,12 +1070,18 @@ def gate_command(
     folder.mkdir(parents=True, exist_ok=True)
     console.print(f"gate: {len(cases)} cases, {rounds} rounds, base {base} ({commit[:10]}) against the working tree "
                   f"{root}; raw samples -> {folder / 'gate.json'}")
-    with gate.worktree(root, commit) as base_tree:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=False) as progress:
-            task = progress.add_task("rounds", total=rounds)
-            raw = gate.run_gate(base_tree, root, cases, threads, settings,
-                                progress=lambda i: progress.update(task, advance=1, description=f"round {i + 1} done"))
+    with interrupts_as_keyboard_interrupt() as received:
+        try:
+            with gate.worktree(root, commit) as base_tree:
+                with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              console=console, transient=False) as progress:
+                    task = progress.add_task("rounds", total=rounds)
+                    raw = gate.run_gate(base_tree, root, cases, threads, settings,
+                                        progress=lambda i: progress.update(task, advance=1, description=f"round {i + 1} done"))
+        except KeyboardInterrupt:  # the workers are killed and the base's worktree removed on the way out
+            console.print(f"[yellow]interrupted ({received[0] if received else 'SIGINT'})[/]: no verdict; the base's "
+                          "worktree and the gate's processes are gone")
+            raise typer.Exit(143 if received and received[0] == "SIGTERM" else 130) from None
     raw.update(base=base, base_commit=commit, current=str(root), settings=gate.asdict(settings))
     (folder / "gate.json").write_text(json.dumps(raw) + "\n")
     found = gate.verdicts(raw, settings)

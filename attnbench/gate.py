@@ -167,6 +167,10 @@ def repo_root(path: Path) -> Path:
 
 
 def resolve_ref(root: Path, ref: str) -> str:
+    if ref.endswith("+dirty"):  # how env.json records a run from a tree with uncommitted changes
+        raise ValueError(f"--base {ref} is a dirty base: that run's code had uncommitted changes, so no commit holds "
+                         f"it and the gate cannot check it out; give a commit (e.g. {ref[:-len('+dirty')][:10]} for the "
+                         "commit those changes were made on, knowing it is not the same code)")
     out = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
                          capture_output=True, text=True)
     if out.returncode != 0 or not out.stdout.strip():
@@ -261,6 +265,10 @@ def run_round(trees: dict[str, Path], cases: list[Case], threads: int, settings:
                         break
                 out["cases"].append(pairs)
             return out
+        except BaseException:  # Ctrl-C, SIGTERM (bench gate raises KeyboardInterrupt for it), a failed worker
+            for side in sides.values():
+                side.proc.kill()
+            raise
         finally:
             for side in sides.values():
                 side.close()

@@ -4,7 +4,10 @@ slowdown planted in its working tree (never in the product)."""
 import json
 import math
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from typer.testing import CliRunner
 
 from attnbench import gate
 from attnbench.cli import app
+from conftest import alive, descendants, sigint_as_from_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,6 +139,7 @@ def test_a_planted_slowdown_fails_the_gate_and_the_unchanged_case_passes(scratch
     (["--base", "HEAD", "--rounds", "3"], ["--rounds 3", "at least 5"]),
     (["--base", "HEAD", "--preset", "backbones"], ["whole networks"]),
     (["--base", "HEAD", "--methods", "nope"], ["nope"]),
+    (["--base", "HEAD+dirty"], ["--base HEAD+dirty", "dirty base", "uncommitted"]),
 ])
 def test_bad_gate_input_exits_2(scratch_repo, monkeypatch, args, words):
     monkeypatch.chdir(scratch_repo)
@@ -148,3 +153,54 @@ def test_outside_a_repository_the_gate_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = bench("gate", "--base", "HEAD")
     assert result.exit_code == 2 and "not inside a git repository" in result.output
+
+
+def test_a_commit_is_dirty_only_for_uncommitted_changes_to_what_runs(scratch_repo, tmp_path):
+    """What env.json records as the code's commit (and the gate refuses as a base with +dirty):
+    a changed README or test leaves it clean, a changed module of the package does not."""
+    from attnbench.measure.env import git_commit
+
+    head = subprocess.run(["git", "-C", str(scratch_repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_commit(scratch_repo) == head
+    readme = scratch_repo / "README.md"
+    readme.write_text("notes\n")
+    subprocess.run(["git", "-C", str(scratch_repo), "add", "README.md"], check=True)
+    module = scratch_repo / "attnbench" / "schema.py"
+    original = module.read_text()
+    try:
+        assert git_commit(scratch_repo) == head  # README only
+        module.write_text(original + "\n# changed\n")
+        assert git_commit(scratch_repo) == head + "+dirty"
+    finally:
+        module.write_text(original)
+        subprocess.run(["git", "-C", str(scratch_repo), "rm", "-q", "--cached", "README.md"], check=True)
+        readme.unlink()
+    assert git_commit(tmp_path) == "unknown"  # not a repository
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143)])
+def test_a_stopped_gate_leaves_no_worktree_and_no_process(scratch_repo, sig, code):
+    """SIGTERM mid-round (as CI's timeout or a scheduler sends it): exit 143, the base's
+    worktree removed from the repository, every worker gone."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench.py"), "gate", "--base", "HEAD", "--methods",
+                             "full:impl=naive", "--resolution", "256", "--rounds", "5", "--threads", "1"],
+                            cwd=scratch_repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=sigint_as_from_a_terminal)
+    workers: set[int] = set()
+    deadline = time.time() + 120
+    while time.time() < deadline and not workers:  # until a round's workers run
+        workers = {p for p in descendants(proc.pid) if "gate_worker" in open(f"/proc/{p}/cmdline").read()} \
+            if proc.poll() is None else set()
+        time.sleep(0.2)
+    assert workers, "the gate never started a round"
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == code, output
+    assert "interrupted (SIGTERM)" in output and "no verdict" in output
+    listed = subprocess.run(["git", "-C", str(scratch_repo), "worktree", "list"], capture_output=True, text=True).stdout
+    assert len(listed.strip().splitlines()) == 1, listed
+    deadline = time.time() + 20
+    while alive(workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive(workers)

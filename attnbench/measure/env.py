@@ -25,13 +25,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[2]
+_CODE = ("attnbench", "bench.py", "pyproject.toml", "benchmarks", "examples")  # what runs, relative to the checkout
+
+
+def git_commit(root: Path = Path(__file__).resolve().parents[2]) -> str:
+    """HEAD of the checkout at ``root``, with ``+dirty`` where what runs has uncommitted changes."""
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        # changes to the code count; results being written (results/) do not
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)results"], capture_output=True, text=True, timeout=5)
+        # uncommitted changes to what runs count (the package, its scripts and dependencies);
+        # to the README, the tests or results being written, not
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", *_CODE],
+                               capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if out.returncode:
