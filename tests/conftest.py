@@ -6,7 +6,11 @@ import os
 import signal
 from pathlib import Path
 
-from attnbench import load_plugins
+# pytest-xdist's workers inherit COLUMNS=80; without it the CLI's console is 150 wide whenever
+# its output is not a terminal, as in a plain pytest run (long temporary paths then fit a line)
+os.environ.pop("COLUMNS", None)
+
+from attnbench import load_plugins  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE_PLUGIN = ROOT / "examples" / "my_attention.py"
