@@ -127,7 +127,8 @@ def _context(plugins: tuple[str, ...]):
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
         os.environ[PLUGINS_ENV] = json.dumps(list(plugins))  # read by the preload module in the forkserver
-        _CONTEXT.set_forkserver_preload(["torch", "attnbench.measure.preload"])
+        # torch._dynamo: the first call of a torch function that _disable_dynamo wraps imports it, 2 s a case here
+        _CONTEXT.set_forkserver_preload(["torch", "torch._dynamo", "attnbench.measure.preload"])
     return _CONTEXT
 
 
