@@ -7,8 +7,8 @@ keeps both alive, and for each case alternates short bursts of timed calls betwe
 (A B, B A, A B, ...), so that both sides see the same moments of the machine: on this shared
 VM a case's speed shifts by up to 1.5x for seconds at a time, which no comparison of runs made
 at different moments survives, while bursts 30 ms apart cancel it. The pairs of a case
-continue until the mean log ratio of its pairs is known to ``pair_se`` or ``max_pairs``
-are spent (an adaptive sample count). Fresh processes every round vary what a process
+continue until the mean log ratio of its pairs is known to ``pair_se``, ``max_pairs`` are
+spent or each side has spent ``case_s`` on it (an adaptive sample count within a budget). Fresh processes every round vary what a process
 fixes (memory layout, caches). Every raw sample is kept.
 
 A round's ratio for a case is the median over its pairs of median(current burst) /
@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ class Settings:
     min_pairs: int = 4  # pairs of bursts per case per round, at least ...
     max_pairs: int = 16  # ... and at most, stopping once the mean log ratio's standard error is under pair_se
     pair_se: float = 0.01
+    case_s: float = 1.0  # ... or once each side has spent this long on the case in the round (naive full
+    # attention, 0.4 s a call at 256 px, took 13 of a round's 33 s in 16 pairs; now 4)
     mem_tol: float = 0.02  # peak memory growth that fails
 
     def check(self) -> None:
@@ -238,7 +241,8 @@ def run_round(trees: dict[str, Path], cases: list[Case], threads: int, settings:
     """One round: a fresh process per side (``trees`` names "base" and the others), all alive;
     for each case, groups of one burst per side ("pairs" for two sides) in alternating
     (rotating, for more sides) order, ``first`` opening, until every side's log ratio to the
-    base is known to ``pair_se`` or ``max_pairs`` groups are spent. ``cpus``: the cores both processes are pinned to (one side
+    base is known to ``pair_se``, ``max_pairs`` groups are spent or each side has had about
+    ``case_s`` seconds of the case. ``cpus``: the cores both processes are pinned to (one side
     on a faster core than the other would read as a difference in the code)."""
     names = [first] + [n for n in trees if n != first]
     with tempfile.TemporaryDirectory(prefix="bench-gate-") as tmp:
@@ -252,6 +256,7 @@ def run_round(trees: dict[str, Path], cases: list[Case], threads: int, settings:
             for j in range(len(cases)):
                 pairs: list[dict[str, list[float]]] = []
                 logs: dict[str, list[float]] = {n: [] for n in names if n != "base"}
+                begun = time.perf_counter()
                 while len(pairs) < settings.max_pairs:
                     k = len(pairs)
                     order = names[k % len(names):] + names[:k % len(names)] if len(names) > 2 else \
@@ -260,8 +265,9 @@ def run_round(trees: dict[str, Path], cases: list[Case], threads: int, settings:
                     pairs.append(pair)
                     for n in logs:
                         logs[n].append(math.log(statistics.median(pair[n]) / statistics.median(pair["base"])))
-                    if len(pairs) >= settings.min_pairs and all(
-                            statistics.stdev(x) / math.sqrt(len(x)) < settings.pair_se for x in logs.values()):
+                    if len(pairs) >= settings.min_pairs and (
+                            time.perf_counter() - begun >= settings.case_s * len(names)
+                            or all(statistics.stdev(x) / math.sqrt(len(x)) < settings.pair_se for x in logs.values())):
                         break
                 out["cases"].append(pairs)
             return out

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from attnbench import gate
 from attnbench.cli import app
+from attnbench.schema import Case
 from conftest import alive, descendants, sigint_as_from_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,43 @@ def test_a_consistent_slowdown_is_found_and_small_or_mixed_ones_are_not():
     v = gate.decide("b", mixed, 10.0, 10.5, gate.Settings())
     assert v.verdict == "same" and v.p_slower > 0.01
     assert gate.decide("c", [0.8] * 10, 10.0, 8.0, gate.Settings()).verdict == "faster"
+
+
+class _Worker:
+    """Stands in for a gate worker process: answers each burst after ``delay`` seconds with one
+    sample, 1 ms times noise of ``spread`` (log scale), its own draws for each side."""
+
+    delay, spread = 0.0, 0.0
+
+    def __init__(self, tree, job, errors):
+        import random
+
+        self.rng = random.Random(str(tree))
+
+    def answer(self):
+        return {"ready": True, "exact": []}
+
+    def burst(self, case, seconds):
+        time.sleep(self.delay)
+        return [math.exp(self.rng.gauss(0, self.spread))]
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("delay, spread, case_s, pairs", [
+    (0.0, 0.0, 10.0, 4),  # the ratio is known at once: the fewest pairs
+    (0.0, 0.2, 10.0, 16),  # never known to 1%: the most pairs
+    (0.05, 0.2, 0.1, 4),  # never known, and each side's 0.1 s spent by the 2nd pair: the fewest
+])
+def test_a_case_stops_once_its_ratio_is_known_or_its_time_is_spent(monkeypatch, delay, spread, case_s, pairs):
+    monkeypatch.setattr(_Worker, "delay", delay)
+    monkeypatch.setattr(_Worker, "spread", spread)
+    monkeypatch.setattr(gate, "_Side", _Worker)
+    settings = gate.Settings(case_s=case_s)
+    out = gate.run_round({"base": Path("a"), "current": Path("b")}, [Case("full", 64)], 1, settings, exact=False,
+                         first="base")
+    assert len(out["cases"][0]) == pairs
 
 
 def test_macs_and_memory_are_compared_exactly():
@@ -178,8 +216,7 @@ def test_a_commit_is_dirty_only_for_uncommitted_changes_to_what_runs(scratch_rep
     assert git_commit(tmp_path) == "unknown"  # not a repository
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143)])
-def test_a_stopped_gate_leaves_no_worktree_and_no_process(scratch_repo, sig, code):
+def test_a_stopped_gate_leaves_no_worktree_and_no_process(scratch_repo):
     """SIGTERM mid-round (as CI's timeout or a scheduler sends it): exit 143, the base's
     worktree removed from the repository, every worker gone."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench.py"), "gate", "--base", "HEAD", "--methods",
@@ -194,9 +231,9 @@ def test_a_stopped_gate_leaves_no_worktree_and_no_process(scratch_repo, sig, cod
         time.sleep(0.2)
     assert workers, "the gate never started a round"
     time.sleep(1.0)
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == code, output
+    assert proc.returncode == 143, output
     assert "interrupted (SIGTERM)" in output and "no verdict" in output
     listed = subprocess.run(["git", "-C", str(scratch_repo), "worktree", "list"], capture_output=True, text=True).stdout
     assert len(listed.strip().splitlines()) == 1, listed
