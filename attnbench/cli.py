@@ -210,6 +210,13 @@ def interrupts_as_keyboard_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def stopped_by(received: list[str]) -> tuple[str, int]:
+    """The signal that stopped a command (Ctrl-C's SIGINT unless SIGTERM was received, see
+    :func:`interrupts_as_keyboard_interrupt`) and the exit code for it, 128 + its number."""
+    name = received[0] if received else "SIGINT"
+    return name, 128 + getattr(signal, name).value
+
+
 def write_reports(store: ResultsStore) -> list[Path]:
     records = store.records()
     env = json.loads(store.env_path.read_text()) if store.env_path.exists() else None
@@ -525,10 +532,10 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
                         progress.console.print(f"  {escape(name)}: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
                     progress.advance(task)
         except KeyboardInterrupt:  # running cases' processes are killed on the way out (runner.close in _run_in)
-            console.print(f"[yellow]interrupted ({received[0] if received else 'SIGINT'})[/]: {finished} of {len(todo)} "
-                          f"cases finished and kept in {store.jsonl}; continue with the same command plus "
-                          f"--resume --out {folder}")
-            raise typer.Exit(143 if received and received[0] == "SIGTERM" else 130) from None
+            name, code = stopped_by(received)
+            console.print(f"[yellow]interrupted ({name})[/]: {finished} of {len(todo)} cases finished and kept in "
+                          f"{store.jsonl}; continue with the same command plus --resume --out {folder}")
+            raise typer.Exit(code) from None
     written = write_reports(store)
     table = _models_table if store.models else _results_table
     console.print(table(store.records(), f"{folder} ({device}, {dtype}, {mode})"))
@@ -1079,9 +1086,10 @@ def gate_command(
                     raw = gate.run_gate(base_tree, root, cases, threads, settings,
                                         progress=lambda i: progress.update(task, advance=1, description=f"round {i + 1} done"))
         except KeyboardInterrupt:  # the workers are killed and the base's worktree removed on the way out
-            console.print(f"[yellow]interrupted ({received[0] if received else 'SIGINT'})[/]: no verdict; the base's "
-                          "worktree and the gate's processes are gone")
-            raise typer.Exit(143 if received and received[0] == "SIGTERM" else 130) from None
+            name, code = stopped_by(received)
+            console.print(f"[yellow]interrupted ({name})[/]: no verdict; the base's worktree and the gate's processes "
+                          "are gone")
+            raise typer.Exit(code) from None
     raw.update(base=base, base_commit=commit, current=str(root), settings=gate.asdict(settings))
     (folder / "gate.json").write_text(json.dumps(raw) + "\n")
     found = gate.verdicts(raw, settings)
