@@ -94,14 +94,10 @@ class Broken(_Plain):
 def registry_as_it_was():
     """The hostile mechanisms these tests load into this process leave with the module: later
     tests (bench viz draws every registered mechanism) never see them."""
-    from attnbench.attention import plugins, registry
+    from attnbench.attention.plugins import plugins_forgotten_after
 
-    mechanisms, loaded = dict(registry._REGISTRY), dict(plugins._loaded)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(mechanisms)
-    plugins._loaded.clear()
-    plugins._loaded.update(loaded)
+    with plugins_forgotten_after():
+        yield
 
 
 @pytest.fixture(scope="module")

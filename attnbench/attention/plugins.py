@@ -17,9 +17,10 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 ENTRY_POINT_GROUP = "attnbench.attentions"
 
@@ -113,3 +114,23 @@ def load_plugins(plugins: Iterable[str]) -> list[str]:
         load_plugin(plugin)
         keys.append(plugin_key(plugin))
     return keys
+
+
+@contextmanager
+def plugins_forgotten_after() -> Iterator[None]:
+    """Mechanisms registered and plugins loaded inside the block are forgotten when it ends
+    (the registry as it was, the plugins' modules dropped from ``sys.modules``): for tests, or
+    a notebook, that load plugins for a while."""
+    from . import registry
+
+    mechanisms, loaded = dict(registry._REGISTRY), dict(_loaded)
+    try:
+        yield
+    finally:
+        for key, name in list(_loaded.items()):
+            if key not in loaded and name.startswith("attnbench_plugin_"):  # a file's module, named by load_plugin
+                sys.modules.pop(name, None)
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(mechanisms)
+        _loaded.clear()
+        _loaded.update(loaded)
