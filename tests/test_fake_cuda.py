@@ -1,6 +1,9 @@
 """The CUDA branches, run on the CPU through a fake (tests/fake_cuda.py): right calls, right
 devices, right bookkeeping. Real kernels and numbers need a GPU (bench gpu-check)."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -155,27 +158,34 @@ def test_peak_agreement_compares_the_device_statistics_with_the_tracker(fake):
 
 # -- end to end: the command line, with every case in its own process --------------------------
 
-CHILD_FAKE = str(__import__("pathlib").Path(__file__).with_name("fake_cuda_child.py"))
+CHILD_FAKE = str(Path(__file__).with_name("fake_cuda_child.py"))
+TEST_PID_ENV = "ATTNBENCH_FAKE_CUDA_TEST_PID"  # read by fake_cuda_child
 
 
 @pytest.fixture
-def spawned(fake, monkeypatch):
-    """Cases in spawned processes (fresh interpreters that load the fake as a plugin), so the
-    shared forkserver of the other tests never holds a fake."""
-    import multiprocessing as mp
-
-    from attnbench.measure import isolate
+def forked(fake, monkeypatch):
+    """Cases in processes forked from a forkserver of this test's own that loaded the fake
+    (fake_cuda_child.py installs it in every process but this one); it is stopped after the
+    test, so the forkserver the other tests share never holds a fake. (Spawned processes did
+    the same at 5-10 s a case: each imported torch afresh.)"""
+    from multiprocessing import forkserver
 
     import attnbench.measure as measure
+    from attnbench.measure import isolate
+    from attnbench.measure.preload import PLUGINS_ENV
 
-    monkeypatch.setattr(isolate, "_context", lambda plugins: mp.get_context("spawn"))
+    forkserver._forkserver._stop()  # the shared one, if this process has started it
+    monkeypatch.setattr(isolate, "_CONTEXT", None)  # the next case starts a forkserver, with the fake
+    monkeypatch.setenv(PLUGINS_ENV, "[]")  # _context sets it for the fake's forkserver; restored after
+    monkeypatch.setenv(TEST_PID_ENV, str(os.getpid()))
     real_run = isolate._run_in_child  # every case's process loads the fake first (gpu-check takes no --plugin)
     monkeypatch.setattr(isolate, "_run_in_child", lambda case, mem, timeout, budget, gemm, plugins, macs=None, cpus=():
                         real_run(case, mem, timeout, budget, gemm, (CHILD_FAKE, *plugins), macs, cpus))
     # the calibration's 8192^2 GEMM would run on this CPU; it has its own test above
     real = measure.gemm_gflops
     monkeypatch.setattr(measure, "gemm_gflops", lambda device, dtype=torch.float32: real(device, dtype, n=64, budget_s=0.01))
-    return fake
+    yield fake
+    forkserver._forkserver._stop()
 
 
 def bench(*args):
@@ -187,7 +197,7 @@ def bench(*args):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
-def test_bench_run_on_cuda_runs_every_case_in_its_own_process(spawned, tmp_path, mode):
+def test_bench_run_on_cuda_runs_every_case_in_its_own_process(forked, tmp_path, mode):
     """`bench run --device cuda`: the device named with its index, each case's process on its
     GPU under its bound, timed by events (the fake's 1 ms), its peak from the device's
     statistics, its MACs counted once in the parent (the child's fake refuses to count)."""
@@ -211,7 +221,7 @@ def test_bench_run_on_cuda_runs_every_case_in_its_own_process(spawned, tmp_path,
     assert methods == {"full": "fvcore, meta device", "window": "fvcore, meta device", "bra": "closed form"}
     env = json.loads((out / "env.json").read_text())
     assert env["device_name"] == "Fake GPU 0"
-    assert any(c[0] == "mem_get_info" and c[1] == 0 for c in spawned.calls)  # the bound, read with an index
+    assert any(c[0] == "mem_get_info" and c[1] == 0 for c in forked.calls)  # the bound, read with an index
 
 
 def test_bench_profile_on_cuda_asks_for_kernel_time(fake, monkeypatch):
@@ -242,18 +252,14 @@ def test_bench_profile_on_cuda_asks_for_kernel_time(fake, monkeypatch):
     assert any(c[0] == "synchronize" and c[1] == 0 for c in fake.calls)
 
 
-def test_gpu_check_on_cuda_writes_its_checks(spawned, tmp_path, monkeypatch):
-    import attnbench.cli as cli
-
-    # its topk 4 comparison only (each case is a spawned process here, seconds each; the CPU
-    # dry run in test_hostile checks the crossover line against full attention)
-    monkeypatch.setattr(cli, "GPU_CHECK_METHODS", ["bra:n_win=8,topk=4", "bra:n_win=8,topk=4,impl=gather"])
+def test_gpu_check_on_cuda_writes_its_checks(forked, tmp_path):
     out = tmp_path / "check"
     result = bench("gpu-check", "--out", str(out), "--device", "cuda", "-r", "32", "--budget", "0.02")
     checks = (out / "checks.md").read_text()
     assert "# gpu-check on cuda:0" in checks
     for part in ("float32-fwd", "float32-fwdbwd", "bfloat16-fwd", "bfloat16-fwdbwd"):
         assert (out / part / "results.jsonl").exists(), part
-    assert checks.count("32 px topk 4: fast") == 4 and checks.count("x faster") == 4 and "CUDA" in checks
+    assert checks.count("32 px topk 4: fast") == checks.count("32 px topk 16: fast") == 4  # one per dtype and mode
+    assert checks.count("x faster") == 8 and "CUDA" in checks
     assert result.exit_code == 0, result.output + checks
     assert "failed: nothing" in checks and "0.0% apart (ok)" in checks
