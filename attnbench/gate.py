@@ -8,8 +8,9 @@ keeps both alive, and for each case alternates short bursts of timed calls betwe
 VM a case's speed shifts by up to 1.5x for seconds at a time, which no comparison of runs made
 at different moments survives, while bursts 30 ms apart cancel it. The pairs of a case
 continue until the mean log ratio of its pairs is known to ``pair_se``, ``max_pairs`` are
-spent or each side has spent ``case_s`` on it (an adaptive sample count within a budget). Fresh processes every round vary what a process
-fixes (memory layout, caches). Every raw sample is kept.
+spent or each side has spent ``case_s`` on it (an adaptive sample count within a budget).
+Fresh processes every round vary what a process fixes (memory layout, caches). Every raw
+sample is kept.
 
 A round's ratio for a case is the median over its pairs of median(current burst) /
 median(base burst). A case is a regression when the one-sided exact Wilcoxon signed-rank
