@@ -107,21 +107,27 @@ def test_two_plugins_claiming_one_name_are_refused_naming_both(tmp_path):
     assert result.exit_code == 2 and "attnbench.attention.full" in flat and "not_full.py" in flat
 
 
-def test_plugins_loaded_inside_the_block_are_forgotten_after_it(tmp_path):
+def test_plugins_loaded_inside_the_block_are_forgotten_after_it(tmp_path, monkeypatch):
     from attnbench.attention import attention_info, list_attentions, load_plugins
     from attnbench.attention.plugins import plugins_forgotten_after
 
     plugin = tmp_path / "for_a_while.py"
     plugin.write_text(FILE_PLUGIN.read_text().replace('"pooled"', '"pooled_for_a_while"'))
+    module = FILE_PLUGIN.read_text().replace('"pooled"', '"pooled_by_module_for_a_while"')
+    (tmp_path / "for_a_while_module.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
     before = [i.name for i in list_attentions()]
-    for _ in range(2):  # the second time loads it afresh: nothing of the first is left to clash with
+    for _ in range(2):  # the second time loads both afresh: nothing of the first is left to clash with, or to stand in
         with plugins_forgotten_after():
-            load_plugins([str(plugin)])
+            load_plugins([str(plugin), "for_a_while_module"])
             assert "for_a_while.py" in attention_info("pooled_for_a_while").source
+            assert "for_a_while_module" in attention_info("pooled_by_module_for_a_while").source
             name = next(m for m in sys.modules if m.startswith("attnbench_plugin_for_a_while"))
-        assert [i.name for i in list_attentions()] == before and name not in sys.modules
-        with pytest.raises(ValueError, match="pooled_for_a_while"):
-            attention_info("pooled_for_a_while")
+        assert [i.name for i in list_attentions()] == before
+        assert name not in sys.modules and "for_a_while_module" not in sys.modules
+        for mechanism in ("pooled_for_a_while", "pooled_by_module_for_a_while"):
+            with pytest.raises(ValueError, match=mechanism):
+                attention_info(mechanism)
 
 
 def test_the_public_api_is_importable_from_attnbench():

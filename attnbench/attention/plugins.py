@@ -123,13 +123,14 @@ def plugins_forgotten_after() -> Iterator[None]:
     a notebook, that load plugins for a while."""
     from . import registry
 
+    load_entry_points()  # installed plugins load once per process: they belong to what is kept
     mechanisms, loaded = dict(registry._REGISTRY), dict(_loaded)
     try:
         yield
     finally:
-        for key, name in list(_loaded.items()):
-            if key not in loaded and name.startswith("attnbench_plugin_"):  # a file's module, named by load_plugin
-                sys.modules.pop(name, None)
+        for key, name in _loaded.items():
+            if key not in loaded:
+                sys.modules.pop(name, None)  # loaded again, it is imported afresh and registers again
         registry._REGISTRY.clear()
         registry._REGISTRY.update(mechanisms)
         _loaded.clear()
