@@ -300,6 +300,7 @@ def run_command(
     size: list[str] = typer.Option(None, "--size", help="image size HxW in pixels, e.g. 800x1280 (non-square); repeatable (a model's default 224x224)"),
     executor: str = typer.Option("local", "--executor", help="where cases run: local (here, one after another) or ray (a task per case on a Ray cluster; pip install 'attnbench[ray]')"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="with --executor ray: the cluster's address (default: RAY_ADDRESS, else a local cluster)"),
+    tf32: bool = typer.Option(False, "--tf32", help="let float32 matmuls and cuDNN convolutions use TF32 on the GPU (default: strict fp32, as the calibration GEMM; recorded in env.json)"),
 ) -> None:
     """Measure every mechanism of a preset (or --methods) at each resolution, or whole networks
     (--model, --preset backbones) at each --size; write results, a table and plots."""
@@ -310,7 +311,8 @@ def run_command(
     if model or isinstance(PRESETS.get(preset_name), ModelPreset):
         return _run_models(model, size, preset_name, batch, dtype, mode, device, mem_limit, timeout, budget, compile_,
                            threads, repeat, out, resume, retry_failed, force, plugins, runner, given_layer_options=dict(
-                               resolution=resolution, methods=methods, stride=stride != 4, dim=dim != 64, heads=heads != 2))
+                               resolution=resolution, methods=methods, stride=stride != 4, dim=dim != 64, heads=heads != 2),
+                           tf32=tf32)
     batch = 1 if batch is None else batch
     try:
         if retry_failed and not resume:
@@ -343,6 +345,8 @@ def run_command(
         config["sizes"] = sorted(f"{h}x{w}" for h, w in sizes)
     if repeat > 1:
         config["repeat"] = repeat
+    if tf32:  # only when given: a folder from before the option resumes as it was
+        config["tf32"] = True
     _run_in(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed, runner)
 
 
@@ -356,7 +360,7 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 
 def _run_models(models, sizes, preset_name, batch, dtype, mode, device, mem_limit, timeout, budget, compile_, threads,
-                repeat, out, resume, retry_failed, force, plugins, runner, given_layer_options) -> None:
+                repeat, out, resume, retry_failed, force, plugins, runner, given_layer_options, tf32=False) -> None:
     """bench run for whole networks: --model at each --size, or a model preset."""
     from .measure.model import check_model_case
     from .sweep import build_model_cases
@@ -403,6 +407,8 @@ def _run_models(models, sizes, preset_name, batch, dtype, mode, device, mem_limi
               "batch": batch, **fields}
     if repeat > 1:
         config["repeat"] = repeat
+    if tf32:
+        config["tf32"] = True
     _run_in(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed, runner)
 
 
@@ -499,7 +505,7 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
         fail(str(exc))
 
     settings = Settings(device=device, dtype=dtype, threads=config["threads"], mem_limit_bytes=bound, timeout_s=timeout,
-                        budget_s=budget, plugins=tuple(plugins), repeat=repeat)
+                        budget_s=budget, plugins=tuple(plugins), repeat=repeat, tf32=config.get("tf32", False))
     where = "this machine" if runner.name == "local" else "each node of the Ray cluster"
     console.print(f"calibrating: dense GEMM in {dtype} on {where} ...")
     try:
@@ -945,10 +951,6 @@ def profile_command(
     console.print(table)
 
 
-GPU_CHECK_METHODS = ["full", "bra:n_win=8,topk=4", "bra:n_win=8,topk=4,impl=gather", "bra:n_win=8,topk=16",
-                     "bra:n_win=8,topk=16,impl=gather"]
-
-
 def _invoke(command, **given: Any) -> None:
     """Call a command function with its own defaults for what ``given`` leaves out."""
     import inspect
@@ -966,73 +968,108 @@ def gpu_check_command(
     device: str = typer.Option("cuda", help="cuda, cuda:N (or cpu, for a dry run of the same steps)"),
     resolution: list[int] = typer.Option(None, "--resolution", "-r", help="image sides (default 1024 and 2048)"),
     budget: float = typer.Option(1.0, help="seconds of timed runs per case"),
-    timeout: float = typer.Option(300.0, help="seconds a case may take"),
+    timeout: float = typer.Option(30.0, help="seconds a case may take (a run whose every case times out ends the check)"),
 ) -> None:
     """The checks that need a real GPU, in one command: fast BRA against the official gather
     (topk 4 and 16, fwd and fwdbwd, float32 and bfloat16) with fused full attention as the
-    reference, the CUDA peak against the tensor tracker for the same case (within 5%), and
-    the crossover resolutions. Exits 1 when a case errors or a check fails."""
+    reference, the CUDA peak against the tensor tracker for the same case, and the crossover
+    resolutions. Exits 1 when a case errors, times out or runs out of memory under its
+    estimate, or a check fails; checks.md is written as each step finishes."""
+    from . import gpu_check as gc
     from .measure import check_device
-    from .measure.case import Case, build_case, make_step
-    from .measure.memory import peak_agreement
-    from .report.plots import crossovers
-    from .report.table import frame, number
+    from .measure.isolate import default_mem_limit_bytes
 
     if out.exists():
         fail(f"{out} exists; gpu-check writes a new folder, so that nothing of an earlier check is mixed in")
+    if timeout <= 0:
+        fail(f"--timeout {timeout} must be more than 0")
     resolutions = sorted(resolution or [1024, 2048])
     device = resolve_device(device)
-    lines, failed = [f"# gpu-check on {device}", ""], []
-    for dtype in ("float32", "bfloat16"):
-        try:
-            check_device(device, dtype)
-        except ValueError as exc:
-            lines.append(f"- {dtype}: skipped ({exc})")
-            continue
-        for mode in ("fwd", "fwdbwd"):
-            sub = out / f"{dtype}-{mode}"
-            _invoke(run_command, resolution=resolutions, dtype=dtype, mode=mode, device=device,
-                    methods=GPU_CHECK_METHODS, budget=budget, timeout=timeout, out=sub)
-            records = ResultsStore(sub).records()
-            failed += [f"{dtype} {mode} {r['label']} @ {r['resolution']}px: {r['error'].splitlines()[0]}"
-                       for r in records if r["status"] == "error"]
-            by = {(r["label"], r["resolution"]): r for r in records}
-            lines.append(f"## {dtype}, {mode}")
-            for res in resolutions:
-                for topk in (4, 16):
-                    fast, gather = by.get((f"bra:n_win=8,topk={topk}", res)), by.get((f"bra:n_win=8,topk={topk},impl=gather", res))
-                    if fast and gather and fast["status"] == gather["status"] == "ok":
-                        lines.append(f"- {res} px topk {topk}: fast {number(fast['latency_ms']):.2f} ms / "
-                                     f"{number(fast['peak_mem_mb']):.0f} MiB, gather {number(gather['latency_ms']):.2f} ms / "
-                                     f"{number(gather['peak_mem_mb']):.0f} MiB: {gather['latency_ms'] / fast['latency_ms']:.2f}x "
-                                     f"faster, {gather['peak_mem_mb'] / max(fast['peak_mem_mb'], 1e-9):.1f}x less memory")
-                    else:
-                        lines.append(f"- {res} px topk {topk}: fast {fast and fast['status']}, gather {gather and gather['status']}")
-            cross = crossovers(frame(records))
-            lines.append("- first resolution faster than fused full attention: "
-                         + (", ".join(f"{k} {v} px" for k, v in cross.items()) or "none among these"))
-            lines.append("")
-    lines.append("## peak memory: CUDA statistics against the tensor tracker, the same case")
-    for mode in ("fwd", "fwdbwd"):
-        case = Case("bra:n_win=8,topk=4", resolutions[0], device=device, mode=mode)
-        module, x = build_case(case)
-        step = make_step(module, x, mode)
-        step()
-        on_device, tracked = peak_agreement(step, check_device(device, case.dtype), getattr(step, "clear", None))
-        if on_device is None:
-            lines.append(f"- {mode}: tracker {tracked / 2**20:.1f} MiB (a CPU run has no device statistics to check)")
-            continue
-        gap = abs(on_device - tracked) / max(on_device, 1)
-        lines.append(f"- {mode}: CUDA {on_device / 2**20:.1f} MiB, tracker {tracked / 2**20:.1f} MiB, "
-                     f"{gap:.1%} apart ({'ok' if gap <= 0.05 else 'FAIL: over 5%'})")
-        if gap > 0.05:
-            failed.append(f"peak {mode}: CUDA and tracker {gap:.1%} apart")
-        del module, x, step
-    lines += ["", "failed: " + ("; ".join(failed) if failed else "nothing")]
-    (out / "checks.md").write_text("\n".join(lines) + "\n")
-    console.print("\n".join(lines))
-    if failed:
+    bound = default_mem_limit_bytes(device)
+    checks = gc.Checks(out / "checks.md", [f"# gpu-check on {device}", "",
+                                           f"float32: strict fp32 (TF32 off for matmul and cuDNN); may still use fast "
+                                           f"fp32 whatever the flags: {gc.FAST_FP32_REGARDLESS}", ""])
+    try:
+        for dtype in ("float32", "bfloat16"):
+            try:
+                check_device(device, dtype)
+            except ValueError as exc:
+                checks.add(f"- {dtype}: skipped ({exc})")
+                continue
+            for mode in ("fwd", "fwdbwd"):
+                if not _gpu_check_run(checks, out / f"{dtype}-{mode}", resolutions, dtype, mode, device, budget, timeout,
+                                      bound):
+                    checks.add("", "stopped: every case of that run timed out (CUDA start-up hanging?); the rest not run")
+                    raise _StopCheck
+        _gpu_check_peaks(checks, resolutions[0], device, timeout, bound)
+    except _StopCheck:
+        pass
+    finally:
+        checks.write(finished=True)
+    console.print("\n".join(checks.lines + ["", "failed: " + ("; ".join(checks.failed) or "nothing")]))
+    if checks.failed:
         raise typer.Exit(1)
+
+
+class _StopCheck(Exception):
+    pass
+
+
+def _gpu_check_run(checks: Any, sub: Path, resolutions: list[int], dtype: str, mode: str, device: str, budget: float,
+                   timeout: float, bound: int) -> bool:
+    """One dtype and mode: a bench run of the check's methods, its lines and failures; False
+    when every case timed out."""
+    from . import gpu_check as gc
+    from .measure.case import Case, estimate_peak_bytes
+    from .report.plots import crossovers
+    from .report.table import frame, number
+
+    _invoke(run_command, resolution=resolutions, dtype=dtype, mode=mode, device=device, methods=gc.METHODS,
+            budget=budget, timeout=timeout, out=sub, mem_limit=f"{bound}b")
+    records = ResultsStore(sub).records()
+    estimates = {(r["label"], r["resolution"]): estimate_peak_bytes(Case(r["label"], r["resolution"], dtype=dtype,
+                                                                         mode=mode, device=device)) for r in records}
+    by = {(r["label"], r["resolution"]): r for r in records}
+    lines = [f"## {dtype}, {mode}"]
+    for res in resolutions:
+        for topk in (4, 16):
+            fast, gather = by.get((f"bra:n_win=8,topk={topk}", res)), by.get((f"bra:n_win=8,topk={topk},impl=gather", res))
+            if fast and gather and fast["status"] == gather["status"] == "ok":
+                lines.append(f"- {res} px topk {topk}: fast {number(fast['latency_ms']):.2f} ms / "
+                             f"{number(fast['peak_mem_mb']):.0f} MiB, gather {number(gather['latency_ms']):.2f} ms / "
+                             f"{number(gather['peak_mem_mb']):.0f} MiB: {gather['latency_ms'] / fast['latency_ms']:.2f}x "
+                             f"faster, {gather['peak_mem_mb'] / max(fast['peak_mem_mb'], 1e-9):.1f}x less memory")
+            else:
+                lines.append(f"- {res} px topk {topk}: fast {fast and fast['status']}, gather {gather and gather['status']}")
+    cross = crossovers(frame(records))
+    lines.append("- first resolution faster than fused full attention: "
+                 + (", ".join(f"{k} {v} px" for k, v in cross.items()) or "none among these"))
+    checks.add(*lines, "")
+    checks.fail(*gc.failures(records, estimates, bound))
+    return not gc.all_timed_out(records)
+
+
+def _gpu_check_peaks(checks: Any, resolution: int, device: str, timeout: float, bound: int) -> None:
+    """The CUDA peak against the tensor tracker for one case, in its own bounded process."""
+    from . import gpu_check as gc
+    from .measure.isolate import call_isolated
+
+    checks.add(f"## peak memory: CUDA statistics against the tensor tracker, the same case (fwd {gc.PEAK_RULE})")
+    for mode in ("fwd", "fwdbwd"):
+        got = call_isolated(gc.peak_agreement_of, ("bra:n_win=8,topk=4", resolution, device, mode), device=device,
+                            mem_limit_bytes=bound, timeout_s=timeout)
+        if got.status != "ok":
+            checks.add(f"- {mode}: {got.status} ({got.message.splitlines()[0]})")
+            checks.fail(f"peak {mode}: {got.status}")
+            continue
+        on_device, tracked = got.value
+        if on_device is None:
+            checks.add(f"- {mode}: tracker {tracked / 2**20:.1f} MiB (a CPU run has no device statistics to check)")
+            continue
+        line, failed = gc.peak_verdict(mode, on_device, tracked)
+        checks.add(line)
+        if failed:
+            checks.fail(f"peak {mode}: CUDA and tracker apart beyond {gc.PEAK_RULE}")
 
 
 @app.command("gate")

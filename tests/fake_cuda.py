@@ -15,6 +15,7 @@ on the current device.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -51,9 +52,22 @@ class FakeCuda:
     peak_base: dict[int, int] = field(default_factory=dict)
     fraction: dict[int, float] = field(default_factory=dict)
 
+    initialised: bool = False  # the driver was initialised in this process (torch's _cuda_getDeviceCount)
+    bad_fork: bool = False  # this process was forked from one that had initialised it
+
     # -- what attnbench calls -------------------------------------------------------------------
     def is_available(self) -> bool:
+        """As torch does: asked through NVML where PYTORCH_NVML_BASED_CUDA_CHECK=1, which
+        initialises nothing; else through the driver's device count, which poisons fork."""
+        if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+            self.initialised = True
         return True
+
+    def _init(self) -> None:
+        if self.bad_fork:
+            raise RuntimeError("Cannot re-initialize CUDA in forked subprocess. To use CUDA with multiprocessing, "
+                               "you must use the 'spawn' start method")
+        self.initialised = True
 
     def device_count(self) -> int:
         return self.count
@@ -62,10 +76,12 @@ class FakeCuda:
         return self.current
 
     def set_device(self, device) -> None:
+        self._init()
         self.current = _index(device, "set_device")
         self.calls.append(("set_device", self.current))
 
     def synchronize(self, device=None) -> None:
+        self._init()
         self.calls.append(("synchronize", _index(device, "synchronize")))
 
     def current_stream(self, device=None) -> FakeStream:
@@ -83,10 +99,12 @@ class FakeCuda:
         return self.capability
 
     def mem_get_info(self, device=None) -> tuple[int, int]:
+        self._init()
         self.calls.append(("mem_get_info", _index(device, "mem_get_info")))
         return self.free_memory, self.total_memory
 
     def set_per_process_memory_fraction(self, fraction: float, device=None) -> None:
+        self._init()
         i = _index(device, "set_per_process_memory_fraction")
         if not 0 <= fraction <= 1:
             raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
@@ -98,6 +116,7 @@ class FakeCuda:
 
     # memory statistics: the bytes of the tensors alive in this test, as a tracker counts them
     def memory_allocated(self, device=None) -> int:
+        self._init()
         _index(device, "memory_allocated")
         self.tracker._sweep()
         return self.tracker.current
@@ -144,6 +163,8 @@ def install(monkeypatch=None, **options) -> FakeCuda:
         setattr_(torch.cuda, name, getattr(fake, name))
     setattr_(torch.cuda, "Event", fake.event_class())
     setattr_(device_module, "tensor_device", lambda device: torch.device("cpu"))
+    # torch marks a forked child of an initialised process: any CUDA call there raises
+    os.register_at_fork(after_in_child=lambda: setattr(fake, "bad_fork", fake.initialised))
     fake.tracker = TensorMemoryTracker()
     fake.tracker.__enter__()
     return fake

@@ -178,9 +178,10 @@ def forked(fake, monkeypatch):
     monkeypatch.setattr(isolate, "_CONTEXT", None)  # the next case starts a forkserver, with the fake
     monkeypatch.setenv(PLUGINS_ENV, "[]")  # _context sets it for the fake's forkserver; restored after
     monkeypatch.setenv(TEST_PID_ENV, str(os.getpid()))
-    real_run = isolate._run_in_child  # every case's process loads the fake first (gpu-check takes no --plugin)
-    monkeypatch.setattr(isolate, "_run_in_child", lambda case, mem, timeout, budget, gemm, plugins, macs=None, cpus=():
-                        real_run(case, mem, timeout, budget, gemm, (CHILD_FAKE, *plugins), macs, cpus))
+    real_call = isolate.call_isolated  # every bounded process loads the fake first (gpu-check takes no --plugin)
+    monkeypatch.setattr(isolate, "call_isolated", lambda fn, args=(), plugins=(), **kw:
+                        real_call(fn, args, plugins=(CHILD_FAKE, *plugins), **kw))
+    monkeypatch.delenv(isolate.NVML_CHECK_ENV, raising=False)  # as a user's shell has it: set by bench, not the test
     # the calibration's 8192^2 GEMM would run on this CPU; it has its own test above
     real = measure.gemm_gflops
     monkeypatch.setattr(measure, "gemm_gflops", lambda device, dtype=torch.float32: real(device, dtype, n=64, budget_s=0.01))
@@ -262,4 +263,56 @@ def test_gpu_check_on_cuda_writes_its_checks(forked, tmp_path):
     assert checks.count("32 px topk 4: fast") == checks.count("32 px topk 16: fast") == 4  # one per dtype and mode
     assert checks.count("x faster") == 8 and "CUDA" in checks
     assert result.exit_code == 0, result.output + checks
-    assert "failed: nothing" in checks and "0.0% apart (ok)" in checks
+    assert "failed: nothing" in checks and "0.0% apart (ok: within max(5%, 8 MiB))" in checks
+
+
+ASKS_CUDA = str(Path(__file__).parent / "plugins" / "asks_cuda_at_import.py")
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_a_plugin_asking_for_cuda_at_import_does_not_poison_the_cases(forked, tmp_path, tf32):
+    """The forkserver loads the plugins; one calling torch.cuda.is_available() at import
+    initialised CUDA there (the fake does as torch does), and every case forked after it failed
+    with "Cannot re-initialize CUDA in forked subprocess". The probe's forward also raises
+    where TF32 is on: strict fp32 by default (cuDNN allows TF32 unless told), TF32 with --tf32."""
+    import json
+
+    from attnbench.attention.plugins import plugins_forgotten_after
+
+    out = tmp_path / "run"
+    with plugins_forgotten_after():
+        result = bench("run", "--device", "cuda", "--plugin", CHILD_FAKE, "--plugin", ASKS_CUDA, "--resolution", "32",
+                       "--dim", "16", "--budget", "0.02", "--methods", "tf32_probe,window:window_size=4",
+                       "--out", str(out), *(["--tf32"] if tf32 else []))
+    assert result.exit_code == 0, result.output
+    records = {r["mechanism"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert "re-initialize" not in result.output
+    assert records["window"]["status"] == "ok", records["window"]["error"]
+    env = json.loads((out / "env.json").read_text())
+    if tf32:
+        assert records["tf32_probe"]["status"] == "error" and "TF32 is on" in records["tf32_probe"]["error"]
+        assert env["tf32_matmul"] is env["tf32_cudnn"] is True and "TF32 allowed" in env["float32_policy"]
+        assert json.loads((out / "config.json").read_text())["tf32"] is True
+    else:
+        assert records["tf32_probe"]["status"] == "ok", records["tf32_probe"]["error"]
+        assert env["tf32_matmul"] is env["tf32_cudnn"] is False and env["float32_policy"].startswith("strict fp32")
+        assert "memory-efficient" in env["fast_fp32_regardless"]
+
+
+def test_a_gpu_in_exclusive_process_mode_is_refused_before_any_case(fake, tmp_path, monkeypatch):
+    """bench's process and each case's process both hold a CUDA context on the GPU: in
+    exclusive-process mode every case would fail. nvidia-smi says the mode."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho Exclusive_Process\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    out = tmp_path / "run"
+    result = bench("run", "--device", "cuda", "-m", "full", "-r", "32", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "compute mode Exclusive_Process" in " ".join(result.output.split())
+    assert not (out / "results.jsonl").exists()
+    smi.write_text("#!/bin/sh\necho Default\n")
+    from attnbench.measure.device import refuse_exclusive_mode
+
+    refuse_exclusive_mode(torch.device("cuda", 0))  # Default: nothing to say

@@ -307,10 +307,10 @@ def test_a_results_line_missing_fields_is_named_by_bench_plot(tmp_path):
 def test_gpu_check_dry_run_on_the_cpu_and_it_never_reuses_a_folder(tmp_path, monkeypatch):
     """The GPU check's steps, on the CPU at 64 px: every run, the ratios, the crossovers, the
     peak lines; a second call into the same folder is refused."""
-    import attnbench.cli as cli
+    import attnbench.gpu_check as gc
 
     # the topk 4 comparison only: each run writes its plots, and a bfloat16 case is slow on a CPU without AVX-512
-    monkeypatch.setattr(cli, "GPU_CHECK_METHODS", ["full", "bra:n_win=8,topk=4", "bra:n_win=8,topk=4,impl=gather"])
+    monkeypatch.setattr(gc, "METHODS", ["full", "bra:n_win=8,topk=4", "bra:n_win=8,topk=4,impl=gather"])
     out = tmp_path / "check"
     result = bench("gpu-check", "--device", "cpu", "-r", "64", "--budget", "0.02", "--out", out)
     assert result.exit_code == 0, result.output

@@ -28,6 +28,7 @@ class Settings:
     budget_s: float = 2.0
     plugins: tuple[str, ...] = ()
     repeat: int = 1
+    tf32: bool = False  # float32 matmuls and convolutions may use TF32 (the cases and the calibration alike)
 
 
 class Executor(Protocol):
@@ -68,9 +69,11 @@ def calibrate_here(settings: Settings) -> dict[str, Any]:
     import socket
 
     from ..measure import environment, gemm_gflops
-    from ..measure.case import DTYPES, torch_threads
+    from ..measure.case import DTYPES, float32_precision, torch_threads
+    from ..measure.device import refuse_exclusive_mode, resolve
 
-    with torch_threads(settings.threads):  # restored however it ends
+    refuse_exclusive_mode(resolve(settings.device))  # before the GEMM makes a context
+    with torch_threads(settings.threads), float32_precision(settings.tf32):  # both restored however it ends
         env = environment(settings.device)
         env["host"] = socket.gethostname()
         env["gemm_gflops"] = gemm_gflops(settings.device, DTYPES[settings.dtype])
@@ -85,7 +88,7 @@ def run_here(case: Any, settings: Settings, node: dict[str, Any], cpus: tuple[in
 
     result = run_isolated(case, mem_limit_bytes=settings.mem_limit_bytes, timeout_s=settings.timeout_s,
                           budget_s=settings.budget_s, gemm_gflops=node["gemm_gflops"], plugins=settings.plugins,
-                          repeat=settings.repeat, cpus=cpus)
+                          repeat=settings.repeat, cpus=cpus, tf32=settings.tf32)
     return stamp(result, node)
 
 

@@ -214,6 +214,18 @@ def torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+@contextmanager
+def float32_precision(tf32: bool) -> Iterator[None]:
+    """The run's float32 policy (:func:`.device.set_float32_precision`) inside the block, the
+    flags as they were after it."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    devices.set_float32_precision(tf32)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None,
              macs: tuple[MacCount | None, str] | None = None) -> Result:
     """Measure one case here and now, with its thread count (restored after). Raises on a bad

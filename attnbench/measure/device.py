@@ -14,6 +14,7 @@ Tests stand in for CUDA by patching the few ``torch.cuda`` functions used here a
 from __future__ import annotations
 
 import resource
+import subprocess
 import time
 from typing import Any, Callable
 
@@ -42,6 +43,37 @@ def use(device: torch.device) -> None:
     that anything that reads the current device (streams, kernels' scratch) is on it."""
     if device.type == "cuda":
         torch.cuda.set_device(device.index)
+
+
+# kernels that may compute float32 with fast (tensor-core) arithmetic whatever the TF32 flags say,
+# per a reading of torch 2.14.1's CUDA kernels (issue 27); unproven on a GPU here
+FAST_FP32_REGARDLESS = "scaled_dot_product_attention's memory-efficient kernel (float32 inputs)"
+
+
+def set_float32_precision(tf32: bool) -> None:
+    """One policy for float32 in a process: TF32 off for cuBLAS matmuls and cuDNN
+    convolutions (strict fp32, as the calibration GEMM runs) unless ``tf32``, so that a case
+    and the GEMM it is divided by use the same arithmetic. cuDNN allows TF32 by default."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def refuse_exclusive_mode(device: torch.device) -> None:
+    """A ValueError for a GPU in an exclusive or prohibited compute mode: bench's process
+    (the calibration) and each case's process hold a CUDA context on the same GPU, so every
+    case would fail. The mode is read with nvidia-smi; where it cannot be read, nothing is said."""
+    if device.type != "cuda":
+        return
+    try:
+        got = subprocess.run(["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader", "-i", str(device.index)],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return
+    mode = got.stdout.strip()
+    if got.returncode == 0 and mode.lower().startswith(("exclusive", "prohibited")):
+        raise ValueError(f"GPU {device.index} is in compute mode {mode}: bench's own process and each case's process "
+                         f"hold a CUDA context on it, so every case would fail; set it to Default "
+                         f"(nvidia-smi -i {device.index} -c DEFAULT) or use another GPU")
 
 
 def synchronize(device: torch.device) -> None:

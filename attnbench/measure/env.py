@@ -63,16 +63,20 @@ def environment(device: str = "cpu") -> dict[str, Any]:
 
 
 def numerics() -> dict[str, Any]:
-    """The settings that decide which kernels run: on Ampere and later, fp32 matmuls and SDPA
-    may use TF32 tensor cores while the calibration GEMM follows allow_tf32, so a GPU's
-    gemm_fraction is read with these."""
+    """The settings that decide which kernels run, read in the process that measures: on
+    Ampere and later, fp32 matmuls and convolutions may use TF32 tensor cores; a run sets
+    them one way for its cases and the calibration GEMM alike (:func:`.device.set_float32_precision`),
+    and names the kernels the flags do not reach."""
     sdpa = {}
     for backend in ("flash", "mem_efficient", "math", "cudnn"):
         enabled = getattr(torch.backends.cuda, f"{backend}_sdp_enabled", None)
         if enabled is not None:
             sdpa[backend] = bool(enabled())
+    tf32 = bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
     return {
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "float32_policy": "TF32 allowed (--tf32)" if tf32 else "strict fp32: TF32 off for matmul and cuDNN",
+        "fast_fp32_regardless": devices.FAST_FP32_REGARDLESS,
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
         "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "sdpa_backends_enabled": sdpa,

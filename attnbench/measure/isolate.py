@@ -19,7 +19,8 @@ import signal
 import threading
 import time
 import traceback
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from types import ModuleType
 
@@ -27,9 +28,10 @@ from ..attention import load_plugins
 from ..schema import ModelCase, ModelResult
 from . import case as layer_case
 from .case import Case, Result
-from .device import bound_memory, free_memory_bytes, is_oom, resolve, use
+from .device import bound_memory, free_memory_bytes, is_oom, resolve, set_float32_precision, use
 from .preload import PLUGINS_ENV
 
+NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
 # a refusal without running needs the estimate to exceed the bound by this factor
 REFUSE_FACTOR = 2.0
 
@@ -67,31 +69,46 @@ def _die_with(pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
-def _child(conn, case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...],
-           parent_pid: int, macs: tuple | None = None, cpus: tuple[int, ...] = ()) -> None:
+@dataclass
+class Outcome:
+    """How a call in a bounded process ended: ``ok`` with its ``value``, or ``oom``,
+    ``timeout`` or ``error`` with a ``message`` (the exception's first line first)."""
+
+    status: str
+    value: Any = None
+    message: str = ""
+
+
+def _child(conn, fn: Callable[..., Any], args: tuple, device: str, mem_limit: int, plugins: tuple[str, ...],
+           parent_pid: int, cpus: tuple[int, ...], tf32: bool) -> None:
     _die_with(parent_pid)
-    conn.send(_measure_here(case, mem_limit, budget_s, gemm_gflops, plugins, macs, cpus))
+    conn.send(_call_here(fn, args, device, mem_limit, plugins, cpus, tf32))
     conn.close()
 
 
-def _measure_here(case: Case, mem_limit: int, budget_s: float, gemm_gflops: float | None, plugins: tuple[str, ...],
-                 macs: tuple | None = None, cpus: tuple[int, ...] = ()) -> tuple[str, Any]:
-    """What a case's process does: plugins, CPUs, device, memory bound, the measurement; the
-    answer ("ok", record) or (status, message) for the parent, which writes the record."""
+def _call_here(fn: Callable[..., Any], args: tuple, device: str, mem_limit: int, plugins: tuple[str, ...],
+               cpus: tuple[int, ...], tf32: bool) -> tuple[str, Any]:
+    """What a bounded process does: plugins, CPUs, device, float32 policy, memory bound, then
+    ``fn(*args)``; ("ok", value) or (status, message) for the parent, which writes any record."""
     try:
         if cpus:
             os.sched_setaffinity(0, cpus)  # before torch's thread pool starts: its threads inherit it
         load_plugins(plugins)  # already loaded when the forkserver preloaded them
-        device = resolve(case.device)
-        use(device)  # events, streams and scratch on the case's own GPU, not GPU 0
-        bound_memory(device, mem_limit)
-        return "ok", _kind(case).run(case, budget_s=budget_s, gemm_gflops=gemm_gflops, macs=macs).to_dict()
+        dev = resolve(device)
+        use(dev)  # events, streams and scratch on the case's own GPU, not GPU 0
+        set_float32_precision(tf32)  # as the calibration GEMM ran
+        bound_memory(dev, mem_limit)
+        return "ok", fn(*args)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
         message = f"{type(exc).__name__}: {exc}".strip()
         oom = is_oom(exc)
         detail = message if oom else message + "\n" + traceback.format_exc(limit=-3)
         # the parent writes the record: this process may lack what it takes (a plugin that failed here)
         return ("oom" if oom else "error", detail[-2000:])
+
+
+def _measure(case: Case | ModelCase, budget_s: float, gemm_gflops: float | None, macs: tuple | None) -> dict[str, Any]:
+    return _kind(case).run(case, budget_s=budget_s, gemm_gflops=gemm_gflops, macs=macs).to_dict()
 
 
 def _kind(case: Case | ModelCase) -> ModuleType:
@@ -127,6 +144,10 @@ def _context(plugins: tuple[str, ...]):
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
         os.environ[PLUGINS_ENV] = json.dumps(list(plugins))  # read by the preload module in the forkserver
+        # a plugin calling torch.cuda.is_available() at import would initialise CUDA in the
+        # forkserver, and every forked case would fail ("Cannot re-initialize CUDA in forked
+        # subprocess"); asked through NVML, it initialises nothing
+        os.environ[NVML_CHECK_ENV] = "1"
         # torch._dynamo: the first call of a torch function that _disable_dynamo wraps imports it, 2 s a case here
         _CONTEXT.set_forkserver_preload(["torch", "torch._dynamo", "attnbench.measure.preload"])
     return _CONTEXT
@@ -141,6 +162,7 @@ def run_isolated(
     plugins: tuple[str, ...] = (),
     repeat: int = 1,
     cpus: tuple[int, ...] = (),
+    tf32: bool = False,
 ) -> Result | ModelResult:
     """Measure ``case`` (a layer or a whole network) in a child process; never raises for the case's own failures.
     ``plugins``: files or modules the child loads first (those that define the case's mechanism).
@@ -149,7 +171,8 @@ def run_isolated(
     on a shared machine a process's timings move together, by 10-50% from one process to
     the next, which more samples inside one process do not average out. Each process's
     median is kept in ``process_medians_ms``. A process that fails ends the repetition.
-    ``cpus``: the logical CPUs the case's process may run on (all, where empty)."""
+    ``cpus``: the logical CPUs the case's process may run on (all, where empty).
+    ``tf32``: float32 matmuls and convolutions may use TF32 (default: strict fp32)."""
     if repeat < 1:
         raise ValueError(f"repeat = {repeat} must be >= 1")
     mem_limit = mem_limit_bytes if mem_limit_bytes is not None else default_mem_limit_bytes(case.device)
@@ -164,7 +187,7 @@ def run_isolated(
     results = []
     macs = _count_once(case)
     for _ in range(repeat):
-        result = _run_in_child(case, mem_limit, timeout_s, budget_s, gemm_gflops, tuple(plugins), macs, tuple(cpus))
+        result = _run_in_child(case, mem_limit, timeout_s, budget_s, gemm_gflops, tuple(plugins), macs, tuple(cpus), tf32)
         if result.status != "ok":
             return result
         results.append(result)
@@ -190,29 +213,42 @@ def _wait(conn, timeout_s: float) -> bool:
 
 
 def _run_in_child(case: Case | ModelCase, mem_limit: int, timeout_s: float, budget_s: float, gemm_gflops: float | None,
-                  plugins: tuple[str, ...], macs: tuple | None = None, cpus: tuple[int, ...] = ()) -> Result | ModelResult:
-    ctx = _context(plugins)
+                  plugins: tuple[str, ...], macs: tuple | None = None, cpus: tuple[int, ...] = (),
+                  tf32: bool = False) -> Result | ModelResult:
+    out = call_isolated(_measure, (case, budget_s, gemm_gflops, macs), device=case.device, mem_limit_bytes=mem_limit,
+                        timeout_s=timeout_s, plugins=plugins, cpus=cpus, tf32=tf32)
+    if out.status != "ok":
+        return failed_result(case, out.status, out.message)
+    return ModelResult(**out.value) if isinstance(case, ModelCase) else Result(**out.value)
+
+
+def call_isolated(fn: Callable[..., Any], args: tuple = (), *, device: str = "cpu", mem_limit_bytes: int | None = None,
+                  timeout_s: float = 600.0, plugins: tuple[str, ...] = (), cpus: tuple[int, ...] = (),
+                  tf32: bool = False) -> Outcome:
+    """``fn(*args)`` in a process of its own forked from the forkserver, on ``device`` under a
+    memory bound (default: 70% of what is free now) and a timeout; never raises for what ``fn``
+    does. ``fn`` and its value cross the process boundary by pickling: a module-level function."""
+    mem_limit = mem_limit_bytes if mem_limit_bytes is not None else default_mem_limit_bytes(device)
+    ctx = _context(tuple(plugins))
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, case, mem_limit, budget_s, gemm_gflops, plugins, os.getpid(), macs, cpus),
-                       daemon=True)
+    proc = ctx.Process(target=_child, args=(child, fn, args, device, mem_limit, tuple(plugins), os.getpid(), tuple(cpus),
+                                            tf32), daemon=True)
     proc.start()
     child.close()
     try:
         if _wait(parent, timeout_s):
             try:
                 status, payload = parent.recv()
-                if status != "ok":
-                    return failed_result(case, status, payload)
-                return ModelResult(**payload) if isinstance(case, ModelCase) else Result(**payload)
+                return Outcome("ok", payload) if status == "ok" else Outcome(status, message=payload)
             except EOFError:
                 pass  # the child died before it could answer
         elif proc.is_alive():
-            return failed_result(case, "timeout", f"no result within {timeout_s:g} s; the child was killed")
+            return Outcome("timeout", message=f"no result within {timeout_s:g} s; the child was killed")
         proc.join(5)
         code = proc.exitcode
         if code is not None and code < 0 and -code == 9:
-            return failed_result(case, "oom", "the child was killed (SIGKILL), most likely by the OOM killer")
-        return failed_result(case, "error", f"the child process died with exit code {code}")
+            return Outcome("oom", message="the child was killed (SIGKILL), most likely by the OOM killer")
+        return Outcome("error", message=f"the child process died with exit code {code}")
     finally:
         if proc.is_alive():
             proc.kill()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from ..attention.base import STAGES
@@ -48,19 +49,26 @@ def profile_stages(step: Callable[[], Any], runs: int = 3,
             step()
         synchronize(device)
         total_ms = (time.perf_counter() - start) * 1e3 / runs
-    stages: dict[str, float] = {}
-    order: list[str] = []
-    def is_stage(event) -> bool:
-        return event.name in STAGES
+    return stage_times(prof.events(), runs, total_ms, cuda), total_ms
 
-    for event in prof.events():
+
+def stage_times(events, runs: int, total_ms: float, cuda: bool) -> list[StageTime]:
+    """Per-call time inside each outermost stage range of the profiler's ``events``, and
+    ``other``. Only host-side ranges count: with CUDA activity on, each range is also reported
+    as a GPU user annotation of the same name (device type CUDA, never a ``cpu_parent``) whose
+    device time is its whole span; torch's own table skips those too (pytorch issue 130730).
+    The host-side range's device time is the sum of the kernels launched inside it."""
+    stages: dict[str, float] = {}
+
+    def is_stage(event) -> bool:
+        return event.name in STAGES and event.device_type == DeviceType.CPU
+
+    for event in events:
         if not is_stage(event) or (event.cpu_parent is not None and is_stage(event.cpu_parent)):
-            continue  # an op, or a stage inside another stage (counted there)
-        if event.name not in stages:
-            order.append(event.name)
-            stages[event.name] = 0.0
+            continue  # an op, a GPU-side copy of a range, or a stage inside another stage (counted there)
+        stages.setdefault(event.name, 0.0)
         stages[event.name] += (_device_time_us(event) if cuda else event.cpu_time_total) / 1e3 / runs
-    out = [StageTime(name, stages[name], stages[name] / total_ms) for name in order]
+    out = [StageTime(name, ms, ms / total_ms) for name, ms in stages.items()]
     rest = total_ms - sum(s.ms for s in out)
     out.append(StageTime("other", max(rest, 0.0), max(rest, 0.0) / total_ms))
-    return out, total_ms
+    return out

@@ -35,6 +35,20 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
+def _warm_up(fn: Callable[[], Any], device: torch.device, min_calls: int, min_s: float) -> float:
+    """Calls ``fn`` at least ``min_calls`` times and for at least ``min_s``; the seconds a call
+    takes: the mean of all on the CPU, the last call's on CUDA (the first holds one-time set-up)."""
+    start = time.perf_counter()
+    calls, last = 0, 0.0
+    while calls < min_calls or time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        last = time.perf_counter() - t0
+        calls += 1
+    return last if device.type == "cuda" else (time.perf_counter() - start) / calls
+
+
 def time_call(
     fn: Callable[[], Any],
     device: torch.device,
@@ -46,18 +60,14 @@ def time_call(
     per_call_s: float | None = None,
 ) -> Timing:
     """``per_call_s``: the duration of a call the caller has already made (and so warmed
-    up with); it replaces the warm-up runs when the call takes longer than ``warmup_s``."""
-    if per_call_s is not None and per_call_s >= warmup_s:
+    up with); on the CPU it replaces the warm-up runs when the call takes longer than
+    ``warmup_s``. Not on CUDA, where a first call holds context creation, library set-up and
+    lazy kernel loading: there warm-up always runs, for at least ``warmup_s`` and two calls,
+    and the batch of calls per sample is chosen from the last warm-up call alone."""
+    if per_call_s is not None and per_call_s >= warmup_s and device.type != "cuda":
         per_call = per_call_s  # a slow call the caller has run already: no further warm-up
     else:
-        # warm-up: at least warmup_runs calls, and at least warmup_s of them
-        start = time.perf_counter()
-        calls = 0
-        while calls < max(warmup_runs, 1) or time.perf_counter() - start < warmup_s:
-            fn()
-            synchronize(device)
-            calls += 1
-        per_call = (time.perf_counter() - start) / calls
+        per_call = _warm_up(fn, device, max(warmup_runs, 2 if device.type == "cuda" else 1), warmup_s)
     number = 1 if per_call >= 1e-3 else max(1, int(1e-3 / max(per_call, 1e-7)))
 
     samples: list[float] = []
