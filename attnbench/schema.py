@@ -78,7 +78,7 @@ class Result:
     host: str = ""
     device_name: str = ""
     gemm_gflops: float | None = None  # that machine's calibration GEMM: gemm_fraction's denominator
-    status: str = "ok"  # ok | oom | timeout | error
+    status: str = "ok"  # ok | oom | timeout | error | invalid (an output of the wrong shape or dtype, or not finite)
     error: str = ""
     reference: bool = False  # the suite's reference case (fused full attention): relative columns divide by it
     baseline: str = ""  # params of this mechanism's baseline implementation, "" if none or this is it

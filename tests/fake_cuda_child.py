@@ -5,8 +5,8 @@ forkserver of their own, which loads it before it forks.
 Imported in the test's own process (ATTNBENCH_FAKE_CUDA_TEST_PID, where the command line
 loads its plugins too) it does nothing: there the test has installed its own fake. In any
 other process (that forkserver, and so every case's process forked from it) it installs the
-fake for the life of the process, and makes any MAC count there an error: the parent counts
-a GPU case's MACs once, and hands them over.
+fake for the life of the process, and makes a MAC count with a real forward there an error:
+a GPU case counts on the meta device or takes its closed form, never a host forward.
 """
 
 import os
@@ -20,7 +20,11 @@ if os.environ.get("ATTNBENCH_FAKE_CUDA_TEST_PID") != str(os.getpid()):
 
     install()
 
-    def _counted_here(*args, **kwargs):
-        raise AssertionError("MACs were counted in the case's process, not once in the parent")
+    real_count = case_module.count_macs
 
-    case_module.count_macs = _counted_here
+    def _counted_on_meta_only(module, x, *args, **kwargs):
+        if x.device.type != "meta":
+            raise AssertionError("a GPU case's MACs were counted with a real forward on the host")
+        return real_count(module, x, *args, **kwargs)
+
+    case_module.count_macs = _counted_on_meta_only

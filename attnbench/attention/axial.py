@@ -24,11 +24,18 @@ def axial_macs(s: Shape, p: dict) -> int:
     return s.batch * (qkv + s.tokens * C * C + attention)
 
 
+def axial_rules(shape: Shape | None, p: dict) -> None:
+    heads = shape.heads if shape else p["num_heads"]
+    if heads % 2:
+        raise ValueError(f"axial attention splits the heads in two: num_heads = {heads} must be even")
+
+
 @register_attention(
     "axial",
     "CSWin-style stripes: half the heads in horizontal stripes, half in vertical, `stripe` tokens wide",
     [Param("stripe", 1, "stripe width sw in tokens (1 = row/column axial attention)", low=1)],
     macs=axial_macs,
+    check=axial_rules,
     demo={"stripe": 2},
 )
 class AxialAttention(GroupedAttention):
@@ -37,8 +44,7 @@ class AxialAttention(GroupedAttention):
     def __init__(self, dim: int, num_heads: int, stripe: int = 1) -> None:
         super().__init__(dim, num_heads)
         check_range("stripe", stripe, 1)
-        if num_heads % 2:
-            raise ValueError(f"axial attention splits the heads in two: num_heads = {num_heads} must be even")
+        axial_rules(None, {"num_heads": num_heads})
         self.stripe = stripe
 
     def build_branches(self, H: int, W: int) -> list[tuple[slice, GroupLayout]]:

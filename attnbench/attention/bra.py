@@ -79,6 +79,22 @@ class QKVLinear(nn.Module):
         return q, k, v
 
 
+def bra_rules(shape: Shape | None, p: dict) -> None:
+    """topk within the regions, an odd lepe kernel, qk_dim split over the heads; with a shape,
+    a map that auto_pad=false can split into n_win regions a side."""
+    S, k = p["n_win"], p["topk"]
+    if not 1 <= k <= S * S:
+        raise ValueError(f"parameter 'topk' = {k} is out of range; allowed 1..{S * S} (n_win^2)")
+    if p["side_dwconv"] and p["side_dwconv"] % 2 == 0:
+        raise ValueError(f"parameter 'side_dwconv' = {p['side_dwconv']} must be odd (or 0 to disable lepe)")
+    dim, heads = (shape.dim, shape.heads) if shape else (p["dim"], p["num_heads"])
+    qk_dim = p["qk_dim"] or dim
+    if qk_dim % heads:
+        raise ValueError(f"qk_dim = {qk_dim} must be divisible by num_heads = {heads}")
+    if shape and not p.get("auto_pad", True) and (shape.height % S or shape.width % S):
+        raise ValueError(f"bra with auto_pad=false needs H and W divisible by n_win = {S}, got {shape.height}x{shape.width}")
+
+
 @register_attention(
     "bra",
     "BiFormer bi-level routing: each n_win x n_win region attends to the tokens of its topk most affine regions",
@@ -92,6 +108,7 @@ class QKVLinear(nn.Module):
               "gather: the official topk-fold gather, then dense attention", choices=("sdpa", "gather")),
     ],
     macs=bra_macs,
+    check=bra_rules,
     workspace_bytes=bra_workspace,
     baseline={"impl": "gather"},
     demo={"n_win": 4, "topk": 4},
@@ -112,13 +129,10 @@ class BiLevelRoutingAttention(AttentionBase):
     ) -> None:
         super().__init__(dim, num_heads)
         check_range("n_win", n_win, 1)
-        check_range("topk", topk, 1, n_win * n_win)
         check_range("side_dwconv", side_dwconv, 0)
-        if side_dwconv and side_dwconv % 2 == 0:
-            raise ValueError(f"parameter 'side_dwconv' = {side_dwconv} must be odd (or 0 to disable lepe)")
+        bra_rules(None, {"n_win": n_win, "topk": topk, "side_dwconv": side_dwconv, "qk_dim": qk_dim, "dim": dim,
+                         "num_heads": num_heads})
         qk_dim = qk_dim or dim
-        if qk_dim % num_heads:
-            raise ValueError(f"qk_dim = {qk_dim} must be divisible by num_heads = {num_heads}")
         self.n_win, self.topk, self.qk_dim = n_win, topk, qk_dim
         self.side_dwconv, self.auto_pad, self.impl = side_dwconv, auto_pad, impl
         self.scale = qk_dim**-0.5

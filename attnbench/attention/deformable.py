@@ -47,6 +47,16 @@ class ChannelLayerNorm(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def deformable_rules(shape: Shape | None, p: dict) -> None:
+    heads, groups = (shape.heads if shape else p["num_heads"]), p["groups"]
+    if not 1 <= groups <= heads:
+        raise ValueError(f"parameter 'groups' = {groups} is out of range; allowed 1..{heads} (num_heads)")
+    if heads % groups:
+        raise ValueError(f"parameter 'groups' = {groups} must divide num_heads = {heads}")
+    if p["kernel"] % 2 == 0:
+        raise ValueError(f"parameter 'kernel' = {p['kernel']} must be odd")
+
+
 @register_attention(
     "deformable",
     "DAT deformable attention: every query attends to (H/r)x(W/r) keys sampled at learned offsets",
@@ -57,6 +67,7 @@ class ChannelLayerNorm(nn.Module):
         Param("kernel", 9, "offset network depthwise conv kernel (odd)", low=1),
     ],
     macs=deformable_macs,
+    check=deformable_rules,
     demo={"stride": 4},
 )
 class DeformableAttention(AttentionBase):
@@ -67,12 +78,8 @@ class DeformableAttention(AttentionBase):
     ) -> None:
         super().__init__(dim, num_heads)
         check_range("stride", stride, 1)
-        check_range("groups", groups, 1, num_heads)
         check_range("kernel", kernel, 1)
-        if num_heads % groups:
-            raise ValueError(f"parameter 'groups' = {groups} must divide num_heads = {num_heads}")
-        if kernel % 2 == 0:
-            raise ValueError(f"parameter 'kernel' = {kernel} must be odd")
+        deformable_rules(None, {"groups": groups, "kernel": kernel, "num_heads": num_heads})
         self.stride, self.groups, self.offset_range, self.kernel = stride, groups, offset_range, kernel
         cg = dim // groups
         self.proj_q = nn.Linear(dim, dim)

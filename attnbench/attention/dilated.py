@@ -22,6 +22,15 @@ def dilated_macs(s: Shape, p: dict) -> int:
     return s.batch * (3 * Np * C * C + s.tokens * C * C + 2 * k * k * Np * C)
 
 
+def dilated_rules(shape: Shape | None, p: dict) -> None:
+    """With a shape, a window whose span fits the map: past it, every window is mostly padding
+    (dilation 100 on a 32x32 map counted 9.1 GMACs of it)."""
+    k, d = p["window_size"], p["dilation"]
+    if shape and d and (k - 1) * d + 1 > max(shape.height, shape.width):
+        raise ValueError(f"a window of {k} tokens spaced {d} apart spans {(k - 1) * d + 1} tokens, past the "
+                         f"{shape.height}x{shape.width} token map; use a smaller dilation (or 0 for MaxViT's grid)")
+
+
 @register_attention(
     "dilated",
     "dilated window attention: k x k tokens spaced `dilation` apart (MaxViT grid when dilation = H/k)",
@@ -30,6 +39,7 @@ def dilated_macs(s: Shape, p: dict) -> int:
         Param("dilation", 2, "spacing d between the tokens of a window (0 = MaxViT grid, d = H / k)", low=0),
     ],
     macs=dilated_macs,
+    check=dilated_rules,
     demo={"window_size": 6, "dilation": 3},
 )
 class DilatedAttention(GroupedAttention):

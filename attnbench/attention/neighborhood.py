@@ -140,6 +140,13 @@ def tile_classes(H: int, W: int, k: int, d: int) -> list[TileClass]:
     return out
 
 
+def neighborhood_rules(shape: Shape | None, p: dict) -> None:
+    if p["kernel_size"] % 2 == 0:
+        raise ValueError(f"parameter 'kernel_size' = {p['kernel_size']} must be odd")
+    if shape:
+        check_map_size(shape.height, shape.width, p["kernel_size"], p["dilation"])
+
+
 def check_map_size(H: int, W: int, k: int, d: int) -> None:
     if H < k * d or W < k * d:
         raise ValueError(f"neighborhood attention with kernel_size {k} and dilation {d} needs a map of at least "
@@ -158,6 +165,7 @@ def check_map_size(H: int, W: int, k: int, d: int) -> None:
     ],
     macs=neighborhood_macs,
     workspace_bytes=neighborhood_workspace,
+    check=neighborhood_rules,
     baseline={"impl": "gather"},
 )
 class NeighborhoodAttention(AttentionBase):
@@ -168,8 +176,7 @@ class NeighborhoodAttention(AttentionBase):
         super().__init__(dim, num_heads)
         check_range("kernel_size", kernel_size, 1)
         check_range("dilation", dilation, 1)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"parameter 'kernel_size' = {kernel_size} must be odd")
+        neighborhood_rules(None, {"kernel_size": kernel_size, "dilation": dilation})
         self.kernel_size, self.dilation, self.impl = kernel_size, dilation, impl
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)

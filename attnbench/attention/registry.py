@@ -99,6 +99,9 @@ class Shape:
 # hooks a mechanism may declare: (shape, resolved params) -> a number for the whole batch
 MacsFn = Callable[[Shape, dict], int]
 BytesFn = Callable[[Shape, dict], int]
+# (shape or None, resolved params) -> None, or a ValueError naming what is wrong: the rules a
+# constructor or a forward would enforce, checked without building anything; None: no shape yet
+CheckFn = Callable[["Shape | None", dict], None]
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,8 @@ class AttentionInfo:
     baseline: dict[str, Any] = field(default_factory=dict)  # the implementation its speed-ups are against
     reference: bool = False  # at its defaults, the suite's reference (the "vs full" columns)
     demo: dict[str, Any] = field(default_factory=dict)  # legible settings for bench viz
-    source: str = ""  # where it was registered: a module, a file or a distribution
+    source: str = ""
+    check: CheckFn | None = None  # rules on (shape, params) beyond each parameter's range  # where it was registered: a module, a file or a distribution
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -159,6 +163,7 @@ def register_attention(
     baseline: dict[str, Any] | None = None,
     reference: bool = False,
     demo: dict[str, Any] | None = None,
+    check: CheckFn | None = None,
 ) -> Callable[[type], type]:
     """Class decorator: add a mechanism under ``name``.
 
@@ -169,7 +174,10 @@ def register_attention(
     refused unrun; ``baseline``, the parameters that select the implementation its other
     implementations are compared with (``{"impl": "gather"}``); ``demo``, the settings
     ``bench viz`` draws it with. ``reference=True`` makes this mechanism, at its defaults,
-    the one every relative figure divides by (one mechanism may claim it).
+    the one every relative figure divides by (one mechanism may claim it). ``check(shape,
+    params)``: the rules beyond each parameter's own range (one parameter against another, or
+    against the map), raising a ValueError; it must build and run nothing, since the harness
+    calls it in its own process to refuse a case before any of the mechanism's code runs.
     """
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
         raise ValueError(f"mechanism name {name!r} is not allowed; use letters, digits, '_', '-' and '.' (no ':' or ',')")
@@ -187,7 +195,7 @@ def register_attention(
                 raise ValueError(f"'{name}' ({source}) claims to be the reference mechanism, "
                                  f"but '{taken[0].name}' ({taken[0].source}) is")
         info = AttentionInfo(name, cls, description, tuple(params), macs, workspace_bytes, dict(baseline or {}),
-                             reference, dict(demo or {}), source)
+                             reference, dict(demo or {}), source, check)
         for key, value in {**info.baseline, **info.demo}.items():
             info.param(key).coerce(value)  # a typo in the declaration fails here, not in a report
         _REGISTRY[name] = info
@@ -281,3 +289,18 @@ def build_attention(name: str, dim: int, num_heads: int, **params: Any) -> nn.Mo
     info = attention_info(name)
     resolved = info.resolve({**spec_params, **params})
     return info.cls(dim, num_heads, **resolved)
+
+
+def check_spec(spec: str, shape: Shape) -> None:
+    """Every reason ``spec`` cannot run on ``shape`` that its declaration tells, without building
+    it: the parameters' types and ranges, dim and heads, and the mechanism's declared rules."""
+    name, params = parse_spec(spec)
+    info = attention_info(name)
+    resolved = info.resolve(params)
+    for what, value in (("dim", shape.dim), ("num_heads", shape.heads)):
+        if value < 1:
+            raise ValueError(f"{what} = {value} must be >= 1")
+    if shape.dim % shape.heads:
+        raise ValueError(f"dim = {shape.dim} must be divisible by num_heads = {shape.heads}")
+    if info.check is not None:
+        info.check(shape, resolved)

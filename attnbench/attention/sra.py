@@ -36,11 +36,18 @@ def sra_macs(s: Shape, p: dict) -> int:
     return s.batch * (2 * N * C * C + 2 * Nk * C * C + 2 * N * Nk * C + reduce)
 
 
+def sra_rules(shape: Shape | None, p: dict) -> None:
+    r = p["sr_ratio"]
+    if shape and (shape.height < r or shape.width < r):
+        raise ValueError(f"sra with sr_ratio {r} needs a map of at least {r}x{r} tokens, got {shape.height}x{shape.width}")
+
+
 @register_attention(
     "sra",
     "PVT v2 spatial-reduction attention: every query sees the map reduced r x r by a strided conv",
     [Param("sr_ratio", 8, "reduction ratio r: keys = (H/r)(W/r) (8 in PVT v2's first stage)", low=1)],
     macs=sra_macs,
+    check=sra_rules,
     demo={"sr_ratio": 4},
 )
 class SpatialReductionAttention(AttentionBase):

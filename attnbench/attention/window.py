@@ -43,6 +43,17 @@ def window_macs(s: Shape, p: dict) -> int:
     return s.batch * (3 * Np * C * C + s.tokens * C * C + 2 * M * M * Np * C)
 
 
+def window_rules(shape: Shape | None, p: dict) -> None:
+    """A shift inside the window; with a shape, a window no larger than the map (its (M^2)^2
+    bias index would be built for nothing: M = 1000 asks for 8 TB)."""
+    M = p["window_size"]
+    if not 0 <= p["shift"] <= M - 1:
+        raise ValueError(f"parameter 'shift' = {p['shift']} is out of range; allowed 0..{M - 1} (window_size - 1)")
+    if shape and M > max(shape.height, shape.width):
+        raise ValueError(f"window_size {M} is larger than the {shape.height}x{shape.width} token map; "
+                         f"allowed up to {max(shape.height, shape.width)}")
+
+
 @register_attention(
     "window",
     "Swin window attention: M x M windows (W-MSA), shifted by `shift` for SW-MSA, relative position bias",
@@ -52,6 +63,7 @@ def window_macs(s: Shape, p: dict) -> int:
         Param("rel_pos_bias", True, "learned (2M-1)^2 x heads relative position bias"),
     ],
     macs=window_macs,
+    check=window_rules,
     demo={"window_size": 8},
 )
 class WindowAttention(GroupedAttention):
@@ -60,7 +72,7 @@ class WindowAttention(GroupedAttention):
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift: int = 0, rel_pos_bias: bool = True) -> None:
         super().__init__(dim, num_heads)
         check_range("window_size", window_size, 1)
-        check_range("shift", shift, 0, window_size - 1)
+        window_rules(None, {"window_size": window_size, "shift": shift})
         self.window_size = window_size
         self.shift = shift
         if rel_pos_bias:

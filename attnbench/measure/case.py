@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..attention import Shape, attention_info, build_attention, canonical, format_spec
+from ..attention.registry import check_spec
 from ..schema import DTYPE_NAMES, MODES, SCHEMA_VERSION, Case, Result, key_of
 from . import device as devices  # tensor_device looked up on the module: tests stand in for it
 from .device import resolve, supports_dtype, synchronize
@@ -51,9 +52,9 @@ def check_device(device: str, dtype: str, here: bool = True) -> torch.device:
 
 
 def check_case(case: Case, here: bool = True) -> None:
-    """Every reason a case cannot run, found before anything runs: a ValueError. ``here=False``:
-    the device is another machine's (see :func:`check_device`)."""
-    build_attention(case.spec, case.dim, case.heads)  # mechanism, parameters, dim/heads
+    """Every reason a case cannot run, found before anything runs and without running any of
+    the mechanism's code (its declaration only): a ValueError. ``here=False``: the device is
+    another machine's (see :func:`check_device`)."""
     check_device(case.device, case.dtype, here)
     if case.mode not in MODES:
         raise ValueError(f"unknown mode '{case.mode}'; use one of {', '.join(MODES)}")
@@ -70,6 +71,7 @@ def check_case(case: Case, here: bool = True) -> None:
                 f"{side} {px} is not a multiple of the stride {case.stride}; "
                 f"the token grid would be {px / case.stride:g} tokens along it"
             )
+    check_spec(case.spec, shape_for(case))  # mechanism, parameters, dim/heads, its declared rules: nothing built
 
 
 def result_for(case: Case, **fields: Any) -> Result:
@@ -125,35 +127,55 @@ def shape_for(case: Case) -> Shape:
     return Shape(case.batch, case.height, case.width, case.dim, case.heads, DTYPES[case.dtype].itemsize)
 
 
-def macs_without_running(case: Case) -> tuple[MacCount | None, str] | None:
-    """The case's MACs where counting them needs no real forward: fvcore on the meta
-    device where the mechanism traces there (free); for a GPU case that does not, the declared
-    closed form (equal to fvcore's count, the tests check) or nothing, never a full-size
-    forward on the host (the official BRA at 2048 px would take some 69 GB of host memory).
-    None for a CPU case that needs its one real forward (:func:`macs_of`)."""
+def macs_of(case: Case) -> tuple[MacCount | None, str]:
+    """The case's MACs and how they were counted, in the case's own process (a trace runs the
+    mechanism's code): fvcore on the meta device where the mechanism traces there; else, for a
+    CPU case, fvcore on one real forward; else the declared closed form (equal to fvcore's
+    count for the built-ins, the tests check). A GPU case never traces a full-size forward on
+    the host (the official BRA at 2048 px would take some 69 GB of host memory). A count that
+    fails is no failure of the case: ``macs_method`` says why there is none."""
     x_shape = (case.batch, case.height, case.width, case.dim)
+    why = []
     try:
         with torch.device("meta"):
             module = build_attention(case.spec, case.dim, case.heads)
         return count_macs(module, torch.empty(x_shape, device="meta")), "fvcore, meta device"
-    except (TypeError, RuntimeError, NotImplementedError):
-        pass
+    except Exception as exc:  # noqa: BLE001 - any op a trace meets may refuse the meta device
+        why.append(f"meta trace: {type(exc).__name__}")
     if resolve(case.device).type == "cpu":
-        return None
+        try:
+            module = build_attention(case.spec, case.dim, case.heads)
+            return count_macs(module, torch.randn(*x_shape)), "fvcore, one forward"
+        except Exception as exc:  # noqa: BLE001 - an op fvcore's trace cannot take (a PyTorch assert on scatter_)
+            if devices.is_oom(exc):
+                raise
+            why.append(f"forward trace: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
     closed = closed_form_of(case)
     if closed is not None:
-        return MacCount(closed, {"closed form": closed}), "closed form"
-    return None, "not counted: no meta trace and no closed form"
+        return MacCount(closed, {"closed form": closed}), "closed form" + (f" ({why[-1]})" if len(why) > 1 else "")
+    return None, "not counted: " + "; ".join(why + ["no closed form declared"])
 
 
-def macs_of(case: Case) -> tuple[MacCount | None, str]:
-    """The case's MACs and how they were counted: :func:`macs_without_running`, else (a CPU
-    case) fvcore on one real forward, which the isolated runner does inside the case's bound."""
-    counted = macs_without_running(case)
-    if counted is not None:
-        return counted
-    module = build_attention(case.spec, case.dim, case.heads)
-    return count_macs(module, torch.randn(case.batch, case.height, case.width, case.dim)), "fvcore, one forward"
+class InvalidOutput(Exception):
+    """A mechanism's output that is no attention output: wrong shape or dtype, NaN or inf."""
+
+    status = "invalid"  # the record's status: never shown as a timing
+
+
+def check_output(out: Any, case: Case) -> None:
+    """A case's output, checked once outside the timed calls: ``(B, H, W, C)`` in the case's
+    dtype, every value finite. Raises :class:`InvalidOutput` naming what is wrong."""
+    want = (case.batch, case.height, case.width, case.dim)
+    if not isinstance(out, torch.Tensor):
+        raise InvalidOutput(f"forward returned {type(out).__name__}, not a tensor of shape {want}")
+    if tuple(out.shape) != want:
+        raise InvalidOutput(f"forward returned shape {tuple(out.shape)}; expected (B, H, W, C) = {want}")
+    if out.dtype != DTYPES[case.dtype]:
+        raise InvalidOutput(f"forward returned {str(out.dtype).replace('torch.', '')}; the case is {case.dtype}")
+    finite = torch.isfinite(out.detach())
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InvalidOutput(f"forward returned {bad} non-finite values (NaN or inf) of {out.numel()}")
 
 
 def make_step(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], Any]:
@@ -174,9 +196,11 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[
         for p in params:
             p.grad = None
 
-    def forward_backward() -> None:
+    def forward_backward() -> torch.Tensor:
         clear()
-        module(x).backward(grad)
+        out = module(x)
+        out.backward(grad)
+        return out
 
     # the memory measurement clears the last call's gradients before it reads its baseline, so
     # that they count as what the call holds (they are freed and made again inside it)
@@ -244,7 +268,12 @@ def _measure(case: Case, budget_s: float, gemm_gflops: float | None, macs: tuple
     if case.compile:
         module = torch.compile(module)
     step = make_step(module, x, case.mode)
-    first_s = _call_seconds(step, device)  # first call: compiles, fills caches, lazy init; not measured
+    t0 = time.perf_counter()
+    out = step()  # first call: compiles, fills caches, lazy init; not measured
+    synchronize(device)
+    first_s = time.perf_counter() - t0
+    check_output(out, case)
+    del out
     compile_s = None
     if case.compile:
         compile_s, first_s = first_s, _call_seconds(step, device)

@@ -1,7 +1,9 @@
 """Run a case in its own child process, under a memory bound and a timeout.
 
 A case that needs more memory than the bound ends as ``oom``, one that overruns as
-``timeout``, one that raises as ``error``; the caller goes on. On the CPU the bound is an
+``timeout``, one that raises or crashes as ``error``, one whose output is no attention
+output as ``invalid``; the caller goes on. Everything that runs a mechanism's code (building
+it, counting its MACs, timing it) happens in the case's process, never in the caller's. On the CPU the bound is an
 address-space limit (RLIMIT_AS) set in the child on top of what it holds after start-up,
 so an allocation past it fails inside the child, never in the kernel's OOM killer or swap.
 On CUDA it is ``torch.cuda.set_per_process_memory_fraction``. A case whose estimated
@@ -28,6 +30,7 @@ from ..attention import load_plugins
 from ..schema import ModelCase, ModelResult
 from . import case as layer_case
 from .case import Case, Result
+from .flops import MacCount
 from .device import bound_memory, free_memory_bytes, is_oom, resolve, set_float32_precision, use
 from .preload import PLUGINS_ENV
 
@@ -102,9 +105,10 @@ def _call_here(fn: Callable[..., Any], args: tuple, device: str, mem_limit: int,
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
         message = f"{type(exc).__name__}: {exc}".strip()
         oom = is_oom(exc)
-        detail = message if oom else message + "\n" + traceback.format_exc(limit=-3)
+        status = getattr(exc, "status", None) or ("oom" if oom else "error")  # an exception may name its status
+        detail = message if status != "error" else message + "\n" + traceback.format_exc(limit=-3)
         # the parent writes the record: this process may lack what it takes (a plugin that failed here)
-        return ("oom" if oom else "error", detail[-2000:])
+        return (status, detail[-2000:])
 
 
 def _measure(case: Case | ModelCase, budget_s: float, gemm_gflops: float | None, macs: tuple | None) -> dict[str, Any]:
@@ -113,7 +117,7 @@ def _measure(case: Case | ModelCase, budget_s: float, gemm_gflops: float | None,
 
 def _kind(case: Case | ModelCase) -> ModuleType:
     """What measures this kind of case: :mod:`.case` for a layer, :mod:`.model` for a network.
-    Each gives run, failed_result, estimate_peak_bytes and macs_without_running."""
+    Each gives run, failed_result and estimate_peak_bytes."""
     if isinstance(case, ModelCase):
         from . import model
 
@@ -121,13 +125,13 @@ def _kind(case: Case | ModelCase) -> ModuleType:
     return layer_case
 
 
-def _count_once(case: Case | ModelCase) -> tuple | None:
-    """The case's MACs counted here, in the parent, once for all its processes, where that
-    needs no real forward; None leaves it to the case's process (a CPU forward, in its bound)."""
-    try:
-        return _kind(case).macs_without_running(case)
-    except Exception:  # noqa: BLE001 - the case's own process will count, or report why not
-        return None
+def _count_of(result: Result | ModelResult) -> tuple | None:
+    """The MACs a case's first process counted, for its later processes (counted once per case)."""
+    if not isinstance(result, Result):
+        return None  # a network counts its own, by module
+    uncounted = dict(item.rsplit(":", 1) for item in result.uncounted_ops.split(",") if item)
+    count = MacCount(result.macs, {}, {op: int(n) for op, n in uncounted.items()}) if result.macs is not None else None
+    return count, result.macs_method
 
 
 def failed_result(case: Case | ModelCase, status: str, error: str) -> Result | ModelResult:
@@ -185,12 +189,13 @@ def run_isolated(
             f"the memory bound of {mem_limit / 2**30:.1f} GiB",
         )
     results = []
-    macs = _count_once(case)
+    macs = None  # counted by the first process, in its bound, and handed to the others
     for _ in range(repeat):
         result = _run_in_child(case, mem_limit, timeout_s, budget_s, gemm_gflops, tuple(plugins), macs, tuple(cpus), tf32)
         if result.status != "ok":
             return result
         results.append(result)
+        macs = _count_of(result)
     ranked = sorted(results, key=lambda r: r.latency_ms)
     chosen = ranked[(len(ranked) - 1) // 2]
     chosen.processes = repeat
@@ -248,6 +253,9 @@ def call_isolated(fn: Callable[..., Any], args: tuple = (), *, device: str = "cp
         code = proc.exitcode
         if code is not None and code < 0 and -code == 9:
             return Outcome("oom", message="the child was killed (SIGKILL), most likely by the OOM killer")
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+            return Outcome("error", message=f"the child process was killed by {name} (a crash in native code?)")
         return Outcome("error", message=f"the child process died with exit code {code}")
     finally:
         if proc.is_alive():

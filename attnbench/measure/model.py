@@ -127,11 +127,6 @@ def estimate_peak_bytes(case: ModelCase) -> int:
     return 0
 
 
-def macs_without_running(case: ModelCase) -> None:
-    """Counted in the case's process (fvcore cannot trace convolutions on the meta device)."""
-    return None
-
-
 def run_model_case(case: ModelCase, budget_s: float = 2.0, gemm_gflops: float | None = None,
                    macs: Any = None) -> ModelResult:
     """Measure one model case here and now, with its thread count (restored after)."""

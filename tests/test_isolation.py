@@ -1,0 +1,106 @@
+"""The harness never runs a mechanism's code in its own process (issue 25): plugins that
+segfault, stall, raise in __init__, fail every trace or return no attention output are each
+their case's record, with the cause's first line; the sweep goes on and the parent stays small."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from attnbench.cli import app
+
+HOSTILE = str(Path(__file__).parent / "plugins" / "hostile.py")
+SPECS = ["full", "reads_raw_memory", "stalls_on_meta", "raises_in_init", "untraceable", "bad_output:what=nan",
+         "bad_output:what=inf", "bad_output:what=shape", "bad_output:what=float64"]
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    from attnbench.attention.plugins import plugins_forgotten_after
+
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    with plugins_forgotten_after():
+        result = CliRunner().invoke(app, ["run", "--device", "cpu", "-r", "32", "--dim", "16", "--budget", "0.02",
+                                          "--timeout", "8", "--plugin", HOSTILE, "-m", ",".join(SPECS), "--out", str(out)],
+                                    catch_exceptions=False)
+    records = {r["label"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    return result, records, out
+
+
+def test_every_hostile_case_is_recorded_and_the_sweep_goes_on(hostile_run):
+    result, records, out = hostile_run
+    assert result.exit_code == 0, result.output
+    assert sorted(records) == sorted(SPECS)
+    assert records["full"]["status"] == "ok"
+    assert not (out / "bench.lock").exists()
+
+
+def test_a_segfault_on_the_meta_device_is_its_case_error(hostile_run):
+    """It used to kill bench itself (exit 139): the meta trace ran in the parent."""
+    r = hostile_run[1]["reads_raw_memory"]
+    assert r["status"] == "error" and "SIGSEGV" in r["error"]
+
+
+def test_a_forward_stalling_on_the_meta_device_times_out_in_its_case(hostile_run):
+    r = hostile_run[1]["stalls_on_meta"]
+    assert r["status"] == "timeout" and "8 s" in r["error"]
+
+
+def test_an_exception_in_init_is_its_case_error(hostile_run):
+    """Only ValueError used to be caught: a RuntimeError in __init__ aborted the run (exit 1)."""
+    r = hostile_run[1]["raises_in_init"]
+    assert r["status"] == "error" and r["error"].startswith("RuntimeError: cannot find my CUDA extension")
+    assert "raises_in_init @ 32px: error RuntimeError: cannot find my CUDA extension" in hostile_run[0].output
+
+
+def test_a_failed_trace_falls_back_to_the_declared_closed_form(hostile_run):
+    r = hostile_run[1]["untraceable"]
+    assert r["status"] == "ok" and r["latency_ms"] > 0
+    assert r["macs"] == 64 * 16 * 16 and r["macs_method"].startswith("closed form (forward trace: RuntimeError")
+
+
+@pytest.mark.parametrize("what,words", [("nan", "non-finite"), ("inf", "non-finite"), ("shape", "expected (B, H, W, C)"),
+                                        ("float64", "float64; the case is float32")])
+def test_an_output_that_is_no_attention_output_is_invalid_not_a_timing(hostile_run, what, words):
+    r = hostile_run[1][f"bad_output:what={what}"]
+    assert r["status"] == "invalid" and words in r["error"]
+    assert r["latency_ms"] is None
+
+
+@pytest.mark.parametrize("spec,words", [("window:window_size=1000", "larger than the 32x32 token map"),
+                                        ("sra:sr_ratio=300", "at least 300x300 tokens"),
+                                        ("dilated:dilation=100", "spans 601 tokens")])
+def test_a_spec_the_map_cannot_hold_is_refused_by_its_declared_rules(tmp_path, spec, words):
+    """window_size=1000 asked for 16 TB in the parent and ended the run with exit 1; the
+    declared rules refuse it before anything is built."""
+    result = CliRunner().invoke(app, ["run", "--device", "cpu", "-r", "128", "-m", spec, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and words in " ".join(result.output.split())
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def _parent_max_rss_mib(spec: str, resolution: int, out: Path) -> float:
+    code = ("import resource, sys\nfrom attnbench.cli import main\nsys.argv = ['bench'] + sys.argv[1:]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", code, "run", "--device", "cpu", "-r", str(resolution), "-m", spec,
+                           "--budget", "0.05", "--mem-limit", "4GiB", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    line = [x for x in done.stdout.splitlines() if x.startswith("maxrss")]
+    assert line, done.stdout[-2000:] + done.stderr[-2000:]
+    return int(line[0].split()[1]) / 1024
+
+
+def test_the_parent_does_not_grow_with_the_mechanism(tmp_path):
+    """sra's weight grows with sr_ratio^2 (r = 300: 64 x 64 x 300^2 x 4 bytes, 1.4 GiB): built
+    in the case's process only, the parent's peak stays that of a small one."""
+    small = _parent_max_rss_mib("sra:sr_ratio=2", 1200, tmp_path / "small")
+    huge = _parent_max_rss_mib("sra:sr_ratio=300", 1200, tmp_path / "huge")
+    records = [json.loads(x) for x in (tmp_path / "huge" / "results.jsonl").read_text().splitlines()]
+    assert records[0]["status"] in ("ok", "oom", "timeout", "error")  # measured (or not) in its own process
+    assert huge < small + 200, (small, huge)
