@@ -10,6 +10,8 @@ from pathlib import Path
 # its output is not a terminal, as in a plain pytest run (long temporary paths then fit a line)
 os.environ.pop("COLUMNS", None)
 
+import pytest  # noqa: E402
+
 from attnbench import load_plugins  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +57,15 @@ def alive(pids: set[int]) -> set[int]:
         except OSError:
             pass
     return left
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """A fake CUDA in this process (tests/fake_cuda.py), undone after the test."""
+    from fake_cuda import install
+
+    fake = install(monkeypatch)
+    try:
+        yield fake
+    finally:
+        fake.tracker.__exit__(None, None, None)

@@ -16,15 +16,6 @@ from attnbench.measure.memory import TensorMemoryTracker, peak_memory_bytes
 from fake_cuda import install
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    fake = install(monkeypatch)
-    try:
-        yield fake
-    finally:
-        fake.tracker.__exit__(None, None, None)
-
-
 def test_a_bare_cuda_device_gets_the_current_index(fake):
     fake.current = 1
     assert dev.resolve("cuda") == torch.device("cuda", 1)

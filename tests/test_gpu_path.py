@@ -13,16 +13,6 @@ from torch.autograd.profiler_util import FunctionEvent
 from attnbench.measure.profile import stage_times
 from attnbench.measure.timing import time_call
 
-from fake_cuda import install
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    fake = install(monkeypatch)
-    try:
-        yield fake
-    finally:
-        fake.tracker.__exit__(None, None, None)
 
 
 def _range(name: str, start: int, end: int, device_type=DeviceType.CPU) -> FunctionEvent:
@@ -59,24 +49,9 @@ def test_a_stage_inside_another_is_counted_in_the_outer_one(stage_names):
     assert stages == {"routing": pytest.approx(0.4), "other": pytest.approx(0.6)}
 
 
-def test_the_cpu_takes_a_slow_first_call_as_its_warm_up():
-    calls = []
-
-    def step():
-        calls.append(1)
-        time.sleep(0.15 if len(calls) == 1 else 0.0)
-
-    step_first = time.perf_counter()
-    step()
-    first_s = time.perf_counter() - step_first
-    device = torch.device("cpu")
-    cpu = time_call(step, device, budget_s=0.01, per_call_s=first_s, min_runs=3)
-    assert cpu.calls_per_run == 1  # the CPU keeps the caller's call as its warm-up (slow is slow there)
-
-
-def test_cuda_warm_up_is_by_count_and_time(fake):
-    """On CUDA the first call holds context creation and lazy kernel loading; warm-up used to
-    be skipped after it (it took over warmup_s) and every sample was one call of 50 us."""
+def _slow_first_call():
+    """A step whose first call takes 0.15 s (set-up) and every later one microseconds; its
+    calls, and the first call's seconds as a caller that made it would pass them."""
     calls = []
 
     def step():
@@ -85,7 +60,19 @@ def test_cuda_warm_up_is_by_count_and_time(fake):
 
     started = time.perf_counter()
     step()
-    first_s = time.perf_counter() - started
+    return step, calls, time.perf_counter() - started
+
+
+def test_the_cpu_takes_a_slow_first_call_as_its_warm_up():
+    step, _, first_s = _slow_first_call()
+    cpu = time_call(step, torch.device("cpu"), budget_s=0.01, per_call_s=first_s, min_runs=3)
+    assert cpu.calls_per_run == 1  # slow is slow on the CPU: no further warm-up
+
+
+def test_cuda_warm_up_is_by_count_and_time(fake):
+    """On CUDA the first call holds context creation and lazy kernel loading; warm-up used to
+    be skipped after it (it took over warmup_s) and every sample was one call of 50 us."""
+    step, calls, first_s = _slow_first_call()
     timing = time_call(step, torch.device("cuda", 0), budget_s=0.01, per_call_s=first_s, warmup_s=0.05)
     assert timing.calls_per_run > 1, "a 0.15 s first call chose one call per sample for a call of microseconds"
     assert len(calls) > 10  # warmed up for its time, not skipped
