@@ -37,16 +37,16 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 def _warm_up(fn: Callable[[], Any], device: torch.device, min_calls: int, min_s: float) -> float:
     """Calls ``fn`` at least ``min_calls`` times and for at least ``min_s``; the seconds a call
-    takes: the mean of all on the CPU, the last call's on CUDA (the first holds one-time set-up)."""
+    takes: the mean of all on the CPU, on CUDA the median of all but the first (which holds
+    one-time set-up), so that one preempted call does not choose the batch either."""
     start = time.perf_counter()
-    calls, last = 0, 0.0
-    while calls < min_calls or time.perf_counter() - start < min_s:
+    each: list[float] = []
+    while len(each) < min_calls or time.perf_counter() - start < min_s:
         t0 = time.perf_counter()
         fn()
         synchronize(device)
-        last = time.perf_counter() - t0
-        calls += 1
-    return last if device.type == "cuda" else (time.perf_counter() - start) / calls
+        each.append(time.perf_counter() - t0)
+    return statistics.median(each[1:]) if device.type == "cuda" else (time.perf_counter() - start) / len(each)
 
 
 def time_call(
@@ -63,7 +63,7 @@ def time_call(
     up with); on the CPU it replaces the warm-up runs when the call takes longer than
     ``warmup_s``. Not on CUDA, where a first call holds context creation, library set-up and
     lazy kernel loading: there warm-up always runs, for at least ``warmup_s`` and two calls,
-    and the batch of calls per sample is chosen from the last warm-up call alone."""
+    and the batch of calls per sample is chosen from the warm-up calls after the first."""
     if per_call_s is not None and per_call_s >= warmup_s and device.type != "cuda":
         per_call = per_call_s  # a slow call the caller has run already: no further warm-up
     else:
