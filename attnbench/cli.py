@@ -434,6 +434,9 @@ def _run_in(store: ResultsStore, config: dict[str, Any], cases: list, bound: int
         foreign = store.foreign_files()
         if other.jsonl.exists():
             raise ValueError(f"{store.folder} holds another kind of run ({other.jsonl.name}); give an empty or new --out")
+        if store.csv.exists() and not store.jsonl.exists():  # the csv would be rewritten from nothing
+            raise ValueError(f"{store.folder} holds {store.csv.name} but no {store.jsonl.name} (the records bench "
+                             f"resumes from); it is not overwritten: give a new --out, or restore {store.jsonl.name}")
         if foreign and not store.exists():
             names = ", ".join(p.name for p in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise ValueError(f"{store.folder} holds files bench did not write ({names}); give an empty or new --out")
@@ -495,6 +498,10 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
             earlier_nodes = earlier.get("nodes", [earlier])
 
     try:
+        if resume:
+            for n, _, why in store.set_aside_rejected():
+                console.print(f"[yellow]set aside[/] line {n} into {store.rejected_path.name} (its case is measured "
+                              f"again): {escape(why)}")
         done = store.done() if resume else set()
         if resume and retry_failed:
             retried = store.set_aside_failed()

@@ -93,6 +93,8 @@ RESULT_COLUMNS = list(Result.__dataclass_fields__)
 RESULT_KEY = ("mechanism", "params", "resolution", "height", "width", "dim", "heads", "batch", "dtype", "mode",
               "device", "compile")
 SHAPE = RESULT_KEY[2:]  # what a case is, less the mechanism and its parameters
+# what one run's layer cases share: its tables and plots draw cases that differ only in these
+RUN_FIELDS = ("dim", "heads", "batch", "dtype", "mode", "device", "compile")
 
 
 def key_of(record: dict[str, Any]) -> tuple:
@@ -138,6 +140,37 @@ def params_of(text: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in text.split(",") if kv)
 
 
+STATUSES = ("ok", "oom", "timeout", "error", "invalid")
+
+
+def _kinds(annotation: str) -> tuple[tuple[type, ...], bool]:
+    """A field's allowed types from its annotation text ("float | None" -> (float, int), nullable)."""
+    names = [t.strip() for t in annotation.split("|")]
+    kinds = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,)}
+    return tuple(k for n in names for k in kinds.get(n, ())), "None" in names
+
+
+def check_fields(record: dict[str, Any], cls: type, where: str) -> None:
+    """Each field of ``record`` that ``cls`` declares has its declared type (a number a number,
+    never a bool or a string), numbers finite and not negative, and the status a known one;
+    else a ValueError naming ``where`` and the field."""
+    for name, f in cls.__dataclass_fields__.items():
+        if name not in record:
+            continue
+        value = record[name]
+        kinds, nullable = _kinds(str(f.type))
+        if value is None and nullable or not kinds:
+            continue
+        numeric = any(k in (int, float) for k in kinds)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            want = " or ".join(sorted({k.__name__ for k in kinds})) + (" or null" if nullable else "")
+            raise ValueError(f"{where}: {name} = {value!r} is not {want}")
+        if numeric and not isinstance(value, bool) and not (0 <= value < float("inf")):
+            raise ValueError(f"{where}: {name} = {value!r} is out of range (a finite number >= 0)")
+    if record.get("status") not in STATUSES:
+        raise ValueError(f"{where}: status = {record.get('status')!r} is not one of {', '.join(STATUSES)}")
+
+
 def check_record(record: Any, where: str, needed: tuple[str, ...] = ()) -> dict[str, Any]:
     """``record`` if it is a result record of this schema with the ``needed`` fields too;
     else a ValueError naming ``where``."""
@@ -151,6 +184,7 @@ def check_record(record: Any, where: str, needed: tuple[str, ...] = ()) -> dict[
         raise ValueError(f"{where} is not a result record (missing {', '.join(missing)})")
     if int(record["schema"]) > SCHEMA_VERSION:
         raise ValueError(f"{where} has schema {record['schema']}, newer than this attnbench reads ({SCHEMA_VERSION})")
+    check_fields(record, Result, where)
     return record
 
 
@@ -244,4 +278,5 @@ def check_model_record(record: Any, where: str) -> dict[str, Any]:
         raise ValueError(f"{where} is not a model record (missing {', '.join(missing)})")
     if int(record["schema"]) > SCHEMA_VERSION:
         raise ValueError(f"{where} has schema {record['schema']}, newer than this attnbench reads ({SCHEMA_VERSION})")
+    check_fields(record, ModelResult, where)
     return record

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .schema import (MODEL_COLUMNS, RESULT_COLUMNS, Case, ModelCase, ModelResult, Result, check_model_record,
-                     check_record, key_of, machine_of, model_key_of)
+from .schema import (MODEL_COLUMNS, RESULT_COLUMNS, RUN_FIELDS, Case, ModelCase, ModelResult, Result,
+                     check_model_record, check_record, key_of, machine_of, model_key_of)
 
 
 def result_key(record: dict[str, Any] | Result | ModelResult) -> tuple:
@@ -158,11 +158,11 @@ def build_model_cases(models: Iterable[tuple[str, int, int, int]], **fields: Any
 
 # what bench writes into a results folder; --force moves these and nothing else
 OWN_FILES = ("results.jsonl", "results.csv", "results.csv.tmp", "results.jsonl.tmp", "results.jsonl.partial",
-             "results.schema1.jsonl", "results.retried.jsonl", "config.json", "env.json", "summary.md", "scaling.png", "scaling.svg",
+             "results.schema1.jsonl", "results.retried.jsonl", "results.rejected.jsonl", "config.json", "env.json", "summary.md", "scaling.png", "scaling.svg",
              "frontier.png", "frontier.svg", "params_*.png", "params_*.svg", "scaling-*.png", "scaling-*.svg",
              "frontier-*.png", "frontier-*.svg",
              "models.jsonl", "models.csv", "models.csv.tmp", "models.jsonl.tmp", "models.jsonl.partial",
-             "models.retried.jsonl", "attention_share.*", "throughput_vs_macs.*", "stages.*")
+             "models.retried.jsonl", "models.rejected.jsonl", "attention_share.*", "throughput_vs_macs.*", "stages.*")
 
 
 def _read_lock(path: Path) -> dict | None:
@@ -185,6 +185,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def read_lines(path: Path, models: bool = False) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]]]:
+    """The one reader of a results .jsonl, for every command: the good records, and each line
+    that is not one as (line number, text, why): not JSON, not a record of this kind, a field
+    of the wrong type or range, or a case a line above holds already. A last line without its
+    newline (a write cut by an interrupt) is neither."""
+    if not path.exists():
+        return [], []
+    lines = path.read_text(errors="replace").split("\n")
+    lines.pop()  # "" after the last newline, or a last line cut short
+    check = check_model_record if models else check_record
+    out, problems, seen = [], [], {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            record = check(json.loads(line), where)
+        except json.JSONDecodeError as exc:
+            problems.append((n, line, f"{where} is not valid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        except (ValueError, TypeError) as exc:
+            problems.append((n, line, str(exc)))
+            continue
+        identity = result_key(record) + machine_of(record)
+        if identity in seen:
+            problems.append((n, line, f"{where} is the same case as line {seen[identity]} ({record['label']}); "
+                                      "a results file holds each case once"))
+            continue
+        seen[identity] = n
+        out.append(record)
+    return out, problems
+
+
 class ResultsStore:
     """A results folder, written case by case: layer cases in results.jsonl, or (``models``)
     whole networks in models.jsonl."""
@@ -195,6 +228,7 @@ class ResultsStore:
         stem = "models" if models else "results"
         self.lock_path = self.folder / "bench.lock"
         self.retried_path = self.folder / f"{stem}.retried.jsonl"
+        self.rejected_path = self.folder / f"{stem}.rejected.jsonl"
         self.jsonl = self.folder / f"{stem}.jsonl"
         self.csv = self.folder / f"{stem}.csv"
         self.config_path = self.folder / "config.json"
@@ -204,23 +238,34 @@ class ResultsStore:
         return self.jsonl.exists() or self.config_path.exists()
 
     def records(self) -> list[dict[str, Any]]:
-        """The finished cases. A last line cut short by an interrupt is not one of them."""
-        if not self.jsonl.exists():
-            return []
-        lines = self.jsonl.read_text().splitlines()
-        out = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if n == len(lines):
-                    continue
-                raise ValueError(f"{self.jsonl}:{n} is not valid JSON") from None
-            check = check_model_record if self.models else check_record
-            out.append(check(record, f"{self.jsonl}:{n}"))
-        return out
+        """The finished cases; a ValueError naming the file and line of the first record that
+        does not parse, is not a record of this kind, has a field of the wrong type or range,
+        or repeats a case. A last line without its newline (cut by an interrupt) is none of them."""
+        records, problems = self.read()
+        if problems:
+            _, _, why = problems[0]
+            more = f" (and {len(problems) - 1} more lines)" if len(problems) > 1 else ""
+            raise ValueError(f"{why}{more}; mend or remove it (bench run --resume sets such lines aside in "
+                             f"{self.rejected_path.name})")
+        return records
+
+    def read(self) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]]]:
+        """The good records, and the lines that are not: (line number, text, why)."""
+        return read_lines(self.jsonl, self.models)
+
+    def set_aside_rejected(self) -> list[tuple[int, str, str]]:
+        """Move the lines :meth:`read` rejects (duplicates aside: those are refused) into
+        results.rejected.jsonl, each with its line number and why, and rewrite results.jsonl
+        without them (atomically); returns them. For --resume: nothing dropped, nothing fatal."""
+        records, problems = self.read()
+        twice = [p for p in problems if "is the same case as line" in p[2]]
+        if twice:
+            raise ValueError(f"{twice[0][2]}; keep one of the two lines")
+        if problems:
+            with self.rejected_path.open("a") as f:
+                f.write("".join(json.dumps({"line": n, "why": why, "text": text}) + "\n" for n, text, why in problems))
+            self._replace_records(records)
+        return problems
 
     def repair(self) -> None:
         """Cut off a last line left incomplete by an interrupt (kept in results.jsonl.partial)."""
@@ -230,7 +275,7 @@ class ResultsStore:
         if not text or text.endswith("\n"):
             return
         head, _, tail = text.rpartition("\n")
-        (self.folder / "results.jsonl.partial").write_text(tail + "\n")
+        self.jsonl.with_suffix(".jsonl.partial").write_text(tail + "\n")
         self.jsonl.write_text(head + "\n" if head else "")
 
     def migrate(self, convert: Any) -> Path | None:
@@ -253,7 +298,12 @@ class ResultsStore:
         return {result_key(r) for r in self.records()}
 
     def config(self) -> dict[str, Any] | None:
-        return json.loads(self.config_path.read_text()) if self.config_path.exists() else None
+        if not self.config_path.exists():
+            return None
+        try:
+            return json.loads(self.config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.config_path} is not valid JSON ({exc}); mend it or use another --out") from None
 
     def start(self, config: dict[str, Any], env: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -401,6 +451,13 @@ def merge_stores(sources: list[Path | str], out: Path | str) -> ResultsStore:
                 continue
             merged[identity] = (record, source)
     unique_nodes = list({machine_of(n): n for n in nodes}.values())
+    if not models:  # a layer run's tables and plots draw one setting: refused before anything is written
+        mixed = {f: sorted({str(r[f]) for r, _ in merged.values()}) for f in RUN_FIELDS}
+        mixed = {f: v for f, v in mixed.items() if len(v) > 1}
+        if mixed:
+            raise ValueError("these folders were measured with different settings ("
+                             + "; ".join(f"{f}: {', '.join(v)}" for f, v in mixed.items())
+                             + "); bench merge joins machines, not settings: merge each setting apart")
     with target.writer():
         target.start({"merged_from": [str(s) for s in kinds]},
                      {"executor": "merge", "merged_from": [str(s) for s in kinds], "nodes": unique_nodes})

@@ -20,7 +20,8 @@ from typing import Any
 import pandas as pd
 
 from ..schema import RESULT_KEY as KEY
-from ..schema import check_record
+from ..schema import Result, check_record, key_of, machine_of
+from ..sweep import read_lines
 from .table import number
 
 NEEDED = ("macs", "latency_ms", "peak_mem_mb", "reference", "baseline")
@@ -37,6 +38,23 @@ class RunResults:
         return self.env.get("gemm_gflops")
 
 
+def _from_csv(name: str, value: Any) -> Any:
+    """A csv cell as the record's field: an empty numeric cell is null, a numeric one a number
+    (pandas reads a column with empty cells as text), a text one text; anything else as it is,
+    for the checks."""
+    f = Result.__dataclass_fields__.get(name)
+    if f is not None and str(f.type) == "str" and not isinstance(value, str):
+        return str(value)  # a text column pandas took for numbers ("0.2976")
+    if f is None or not isinstance(value, str) or not any(t in str(f.type) for t in ("int", "float")):
+        return value
+    if value == "":
+        return None if "None" in str(f.type) else value
+    try:
+        return int(value) if "float" not in str(f.type) else float(value)
+    except ValueError:
+        return value
+
+
 def load_results(path: Path | str) -> RunResults:
     """A results folder (results.jsonl, env.json) or a results .jsonl / .csv file.
     Raises ValueError when it cannot be used."""
@@ -47,17 +65,27 @@ def load_results(path: Path | str) -> RunResults:
         path = next((p for p in candidates if p.exists()), candidates[0])
     if not path.exists():
         raise ValueError(f"{path} does not exist; give a results folder or a results.jsonl / results.csv file")
-    try:
-        if path.suffix == ".csv":
+    if path.suffix == ".csv":
+        try:
             records = pd.read_csv(path, keep_default_na=False).to_dict("records")
-        else:
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} cannot be read as results: {exc}") from None
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} cannot be read as results: {exc}") from None
+        records = [{k: _from_csv(k, v) for k, v in r.items()} for r in records]
+    else:
+        records, problems = read_lines(path)  # the store's own reader and rules
+        if problems:
+            raise ValueError(problems[0][2])
     if not records:
         raise ValueError(f"{path} holds no results")
+    seen: dict[tuple, int] = {}
     for n, r in enumerate(records, 1):
-        check_record(r, f"{path}: record {n}", NEEDED)
+        where = f"{path}:{n + 1 if path.suffix == '.csv' else n}"  # a csv's line 1 is its header
+        check_record(r, where, NEEDED)
+        identity = key_of(r) + machine_of(r)
+        if identity in seen:
+            raise ValueError(f"{where} is the same case as record {seen[identity]} ({r['label']}); a results file "
+                             "holds each case once")
+        seen[identity] = n
         for name in ("macs", "latency_ms", "peak_mem_mb"):
             if r[name] not in (None, "") and number(r[name]) is None:
                 raise ValueError(f"{path}: record {n}: {name} = {r[name]!r} is not a number")

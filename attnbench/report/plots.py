@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ..schema import params_of  # noqa: E402
+from ..schema import RUN_FIELDS, params_of  # noqa: E402
 from .table import frame, reference_key, references  # noqa: E402
 
 METRICS = [("latency_ms", "latency (ms)"), ("peak_mem_mb", "peak memory (MiB)"), ("gmacs", "GMACs")]
@@ -199,9 +199,6 @@ def _sweep_heatmaps(rows, params, axes, groups, out, title, name) -> list[Path]:
             ax.set_title(f"{label}, {_group_label(values, groups)}")
     fig.suptitle(_title(rows, f"{title}: one cell per case"))
     return save_figure(fig, out, name)
-
-
-RUN_FIELDS = ("dim", "heads", "batch", "dtype", "mode", "device", "compile")
 
 
 def check_one_setting(df: pd.DataFrame) -> None:
