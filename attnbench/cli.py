@@ -57,6 +57,10 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+MEM_LIMIT_HELP = "memory bound of the process that runs the mechanisms, e.g. 8GiB or 50% (default: 70% of the memory free now)"
+TIMEOUT_HELP = "seconds the process that runs the mechanisms may take before it is killed"
+
+
 PLUGIN_HELP = "a .py file or an importable module that registers mechanisms; repeatable (installed plugins load by themselves)"
 
 
@@ -692,14 +696,16 @@ def viz_command(
     out: Optional[Path] = typer.Option(None, help="output folder (default: results/viz, or the next free results/viz-2, ... so an earlier figure is never replaced)"),
     force: bool = typer.Option(False, help="replace the figure in --out if it is there"),
     svg: bool = typer.Option(False, help="also write SVG"),
+    mem_limit: Optional[str] = typer.Option(None, help=MEM_LIMIT_HELP),
+    timeout: float = typer.Option(600.0, help=TIMEOUT_HELP),
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
-    """Draw what each mechanism attends to on a real image (maps), or its pattern sheet."""
-    from .attention import build_attention
-    from .measure.isolate import default_mem_limit_bytes
+    """Draw what each mechanism attends to on a real image (maps), or its pattern sheet; the
+    mechanisms run in a process of their own, under a memory bound and a timeout."""
+    from .attention import Shape
+    from .attention.registry import check_spec
     from .report.content import content_tokens, image_size, load_image
-    from .report.viz import (Scene, default_methods, default_queries, draw_figure, draw_pattern_sheet, load_checkpoint,
-                             memory_needed)
+    from .report.viz import Scene, default_methods, default_queries, draw, load_checkpoint, memory_needed
 
     load_plugin_options(plugin)
 
@@ -717,37 +723,66 @@ def viz_command(
         if stride < 1:
             raise ValueError(f"--stride {stride} must be >= 1")
         specs = split_methods(methods) if methods else default_methods()
-        for spec in specs:
-            build_attention(spec, dim, heads)  # bad parameters fail here, before any drawing
         width, height = image_size(image, resolution)
-        need, bound = memory_needed(kind, width, height, stride, heads), default_mem_limit_bytes("cpu")
+        for spec in specs:  # bad parameters fail here, before any drawing, without building anything
+            check_spec(spec, Shape(1, height // stride, width // stride, dim, heads))
+        need, bound = memory_needed(kind, width, height, stride, heads), bound_or_default(mem_limit, timeout)
         if need > bound:
             raise ValueError(f"a {width}x{height} px image at stride {stride} ({(width // stride) * (height // stride)} "
                              f"tokens) needs about {need / 2**30:.1f} GiB to draw, over the {bound / 2**30:.1f} GiB "
-                             "bound (70% of the memory free now); use a smaller --resolution or a larger --stride")
+                             "bound; use a smaller --resolution or a larger --stride")
         picture = load_image(image, resolution, stride)
         queries = [parse_query(q) for q in query] if query else default_queries(picture)
         scene = Scene(picture, stride, content_tokens(picture, stride, dim), str(image or "grace_hopper.jpg (matplotlib sample data)"))
         state = load_checkpoint(checkpoint) if checkpoint else None
         records = load_results(results).records if results else None
-        if kind == "pattern":
-            written, stats = draw_pattern_sheet(scene, specs, queries[0], out, dim=dim, heads=heads, weights=weights, svg=svg)
-            table = Table(title=f"attention patterns on {scene.grid[0]}x{scene.grid[1]} tokens")
-            for col in ("mechanism", "mean attention distance (tokens)", "keys attended"):
-                table.add_column(col)
-            for st in stats:
-                table.add_row(escape(st.spec), f"{st.mean_distance:.2f}", f"{st.fraction_attended:.1%}")
-            console.print(table)
-        else:
-            written = draw_figure(scene, specs, queries, out, dim=dim, heads=heads, head=head, weights=weights,
-                                  checkpoint=state, checkpoint_name=str(checkpoint) if checkpoint else None,
-                                  records=records, svg=svg,
-                                  # a mechanism the user named must take the checkpoint whole; a default one may pass
-                                  partial="load" if partial_checkpoint else ("error" if methods else "skip"))
     except ValueError as exc:
         fail(str(exc))
+    options = dict(dim=dim, heads=heads, weights=weights, svg=svg)
+    if kind == "maps":
+        options.update(head=head, checkpoint=state, checkpoint_name=str(checkpoint) if checkpoint else None,
+                       records=records,
+                       # a mechanism the user named must take the checkpoint whole; a default one may pass
+                       partial="load" if partial_checkpoint else ("error" if methods else "skip"))
+    written, stats = bounded(draw, (kind, scene, specs, queries, out, options), "bench viz", bound, timeout)
+    if stats is not None:
+        table = Table(title=f"attention patterns on {scene.grid[0]}x{scene.grid[1]} tokens")
+        for col in ("mechanism", "mean attention distance (tokens)", "keys attended"):
+            table.add_column(col)
+        for st in stats:
+            table.add_row(escape(st.spec), f"{st.mean_distance:.2f}", f"{st.fraction_attended:.1%}")
+        console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in written))
 
+
+def bound_or_default(mem_limit: str | None, timeout: float, device: str = "cpu") -> int:
+    """--mem-limit in bytes (default: 70% of the memory free now), both bounds checked: a ValueError."""
+    from .measure.isolate import default_mem_limit_bytes
+
+    if timeout <= 0:
+        raise ValueError(f"--timeout {timeout} must be more than 0")
+    bound = parse_size(mem_limit, device) if mem_limit else default_mem_limit_bytes(device)
+    if bound <= 0:
+        raise ValueError(f"--mem-limit {mem_limit} must be more than 0")
+    return bound
+
+
+def bounded(fn: Any, args: tuple, what: str, bound: int, timeout: float, device: str = "cpu") -> Any:
+    """``fn(*args)`` in a bounded, timed process (mechanism code never runs in bench's own) that
+    loads every plugin this one has; its value, or exit 2 for a ValueError it raised (bad input,
+    named) and exit 1 for anything else (a mechanism's failure, named, or out of memory or time)."""
+    from .attention.plugins import loaded_plugins
+    from .measure.isolate import call_isolated
+
+    got = call_isolated(fn, args, device=device, mem_limit_bytes=bound, timeout_s=timeout,
+                        plugins=tuple(loaded_plugins()))
+    if got.status == "ok":
+        return got.value
+    first = got.message.splitlines()[0] if got.message else ""
+    if got.status == "error" and first.startswith("ValueError: "):
+        fail(first.removeprefix("ValueError: "))
+    console.print(f"[bold red]error:[/] {what}: {got.status}: {escape(first.removeprefix('MechanismFailed: '))}")
+    raise typer.Exit(1)
 
 
 @app.command("fidelity")
@@ -923,13 +958,15 @@ def profile_command(
     mode: str = typer.Option("fwd", help="fwd or fwdbwd (the backward shows as 'other')"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
     runs: int = typer.Option(3, help="profiled calls, after one warm-up call"),
+    mem_limit: Optional[str] = typer.Option(None, help=MEM_LIMIT_HELP),
+    timeout: float = typer.Option(600.0, help=TIMEOUT_HELP),
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
-    """Time the stages of one mechanism (for BRA: projections, routing, gather, token attention, lepe, output)."""
-    from .measure import check_case, check_device
-    from .measure.case import Case, build_case, estimate_peak_bytes, make_step
-    from .measure.isolate import default_mem_limit_bytes
-    from .measure.profile import profile_stages
+    """Time the stages of one mechanism (for BRA: projections, routing, gather, token attention, lepe, output),
+    in a process of its own under a memory bound and a timeout."""
+    from .measure import check_case
+    from .measure.case import Case, estimate_peak_bytes
+    from .measure.profile import profile_case
 
     load_plugin_options(plugin)
 
@@ -939,16 +976,14 @@ def profile_command(
         check_case(case)
         if runs < 1:
             raise ValueError(f"--runs {runs} must be >= 1")
-        need, bound = estimate_peak_bytes(case), default_mem_limit_bytes(device)
-        if need > bound:  # profiled in this process: past the bound it would take the machine down
+        bound = bound_or_default(mem_limit, timeout, device)
+        need = estimate_peak_bytes(case)
+        if need > bound:
             raise ValueError(f"{spec} on {case.height}x{case.width} tokens needs about {need / 2**30:.1f} GiB "
-                             f"(estimated), over the {bound / 2**30:.1f} GiB bound (70% of the memory free now); "
-                             "use a smaller --resolution")
+                             f"(estimated), over the {bound / 2**30:.1f} GiB bound; use a smaller --resolution")
     except ValueError as exc:
         fail(str(exc))
-    step = make_step(*build_case(case), mode)
-    step()
-    stages, total = profile_stages(step, runs, check_device(case.device, case.dtype))
+    stages, total = bounded(profile_case, (case, runs), spec, bound, timeout, device)
     table = Table(title=f"{spec} on {case.height}x{case.width} tokens ({device}, {dtype}, {mode}): {total:.1f} ms per call",
                   caption="other: time outside every stage (glue; the whole backward pass in fwdbwd)")
     for col in ("stage", "ms per call", "share"):

@@ -163,7 +163,8 @@ def check_fields(record: dict[str, Any], cls: type, where: str) -> None:
             continue
         numeric = any(k in (int, float) for k in kinds)
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            want = " or ".join(sorted({k.__name__ for k in kinds})) + (" or null" if nullable else "")
+            want = "a number" if numeric and bool not in kinds else " or ".join(sorted({k.__name__ for k in kinds}))
+            want += " (or null)" if nullable else ""
             raise ValueError(f"{where}: {name} = {value!r} is not {want}")
         if numeric and not isinstance(value, bool) and not (0 <= value < float("inf")):
             raise ValueError(f"{where}: {name} = {value!r} is out of range (a finite number >= 0)")

@@ -150,7 +150,7 @@ def test_csv_results_compare_like_jsonl(measured):
     "content,words",
     [
         ("{broken\n", ["bad.jsonl:1 is not valid JSON"]),
-        ('{"mechanism": "full"}\n', ["not a result record", "macs"]),
+        ('{"mechanism": "full"}\n', ["bad.jsonl:1 is not a result record", "missing params"]),
         ("", ["holds no results"]),
     ],
 )
@@ -201,4 +201,4 @@ def test_a_value_that_is_not_a_number_exits_2_with_the_record(measured, tmp_path
     result = compare(measured, doctored(measured, tmp_path / "cur", garbage))
     assert result.exit_code == 2, result.output
     flat = result.output.replace("\n", "")
-    assert "macs = 'lots' is not a number" in flat and "record" in flat
+    assert "macs = 'lots' is not a number" in flat and "cur/results.jsonl:5:" in flat  # its file and line

@@ -219,9 +219,12 @@ def test_a_garbage_line_inside_the_results_is_an_error_naming_it(tmp_path):
     assert bench("run", *TINY, "-r", "64", "--out", out).exit_code == 0
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text(lines[0] + "\n{garbage\n" + lines[1] + "\n")
-    result = bench("run", *TINY, "-r", "64", "--out", out, "--resume")
-    assert result.exit_code == 2 and "results.jsonl:2 is not valid JSON" in result.output.replace("\n", "")
-    assert bench("plot", out).exit_code == 2
+    plot = bench("plot", out)
+    assert plot.exit_code == 2 and "results.jsonl:2 is not valid JSON" in plot.output.replace("\n", "")
+    result = bench("run", *TINY, "-r", "64", "--out", out, "--resume")  # sets the line aside and goes on
+    assert result.exit_code == 0 and "results.jsonl:2 is not valid JSON" in result.output.replace("\n", "")
+    assert "{garbage" in (out / "results.rejected.jsonl").read_text()
+    assert bench("plot", out).exit_code == 0
 
 
 def test_the_results_table_fits_80_columns_when_piped(tmp_path, monkeypatch):

@@ -75,7 +75,7 @@ def test_an_output_that_is_no_attention_output_is_invalid_not_a_timing(hostile_r
 
 @pytest.mark.parametrize("spec,words", [("window:window_size=1000", "larger than the 32x32 token map"),
                                         ("sra:sr_ratio=300", "at least 300x300 tokens"),
-                                        ("dilated:dilation=100", "spans 601 tokens")])
+                                        ("dilated:dilation=100", "dilation 100 is not less than the 32x32")])
 def test_a_spec_the_map_cannot_hold_is_refused_by_its_declared_rules(tmp_path, spec, words):
     """window_size=1000 asked for 16 TB in the parent and ended the run with exit 1; the
     declared rules refuse it before anything is built."""
@@ -104,3 +104,47 @@ def test_the_parent_does_not_grow_with_the_mechanism(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "huge" / "results.jsonl").read_text().splitlines()]
     assert records[0]["status"] in ("ok", "oom", "timeout", "error")  # measured (or not) in its own process
     assert huge < small + 200, (small, huge)
+
+
+@pytest.mark.parametrize("spec,status", [("raises_in_init", "error"), ("stalls_on_meta", "ok")])
+def test_bench_profile_runs_the_mechanism_in_a_bounded_process(spec, status):
+    """bench profile built and ran the mechanism in its own process, without bound or timeout."""
+    from attnbench.attention.plugins import plugins_forgotten_after
+
+    with plugins_forgotten_after():
+        result = CliRunner().invoke(app, ["profile", spec, "--plugin", HOSTILE, "--device", "cpu", "--resolution",
+                                          "32", "--dim", "16", "--runs", "1", "--timeout", "20"], catch_exceptions=False)
+    if status == "ok":  # profiling runs no meta trace: a plugin that stalls only there profiles
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 1 and "raises_in_init: error: RuntimeError: cannot find my CUDA extension" in flat(result.output)
+
+
+def test_bench_profile_takes_a_timeout(tmp_path):
+    plugin = tmp_path / "slow.py"
+    plugin.write_text("import time\nimport torch.nn as nn\nfrom attnbench import AttentionBase, register_attention\n\n"
+                      "@register_attention('slow_forward', 'sleeps in forward', [])\nclass Slow(AttentionBase):\n"
+                      "    def forward(self, x):\n        time.sleep(60)\n        return x\n")
+    from attnbench.attention.plugins import plugins_forgotten_after
+
+    with plugins_forgotten_after():
+        result = CliRunner().invoke(app, ["profile", "slow_forward", "--plugin", plugin, "--device", "cpu", "--resolution",
+                                          "32", "--dim", "16", "--timeout", "3"], catch_exceptions=False)
+    assert result.exit_code == 1 and "slow_forward: timeout" in flat(result.output)
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("command", ["maps", "pattern"])
+def test_bench_viz_names_a_mechanism_whose_code_fails(tmp_path, command):
+    """An attention_map (or constructor) that raises used to end bench viz with exit 1, the
+    mechanism not named; it now fails in the drawing's own bounded process, named."""
+    from attnbench.attention.plugins import plugins_forgotten_after
+
+    with plugins_forgotten_after():
+        result = CliRunner().invoke(app, ["viz", "--plugin", HOSTILE, "-m", "full,raises_in_init", "--kind", command,
+                                          "--resolution", "128", "--out", tmp_path / "v"], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert "bench viz: error: raises_in_init: RuntimeError: cannot find my CUDA extension" in flat(result.output)

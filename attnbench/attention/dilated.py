@@ -23,12 +23,14 @@ def dilated_macs(s: Shape, p: dict) -> int:
 
 
 def dilated_rules(shape: Shape | None, p: dict) -> None:
-    """With a shape, a window whose span fits the map: past it, every window is mostly padding
-    (dilation 100 on a 32x32 map counted 9.1 GMACs of it)."""
-    k, d = p["window_size"], p["dilation"]
-    if shape and d and (k - 1) * d + 1 > max(shape.height, shape.width):
-        raise ValueError(f"a window of {k} tokens spaced {d} apart spans {(k - 1) * d + 1} tokens, past the "
-                         f"{shape.height}x{shape.width} token map; use a smaller dilation (or 0 for MaxViT's grid)")
+    """With a shape, a spacing inside the map: at a spacing of the map's side or more every
+    window holds one real token a side and the rest padding (dilation 100 on a 32x32 map
+    counted 9.1 GMACs of it)."""
+    d = p["dilation"]
+    if shape and d >= max(shape.height, shape.width):
+        raise ValueError(f"dilation {d} is not less than the {shape.height}x{shape.width} token map's longer side: "
+                         "every window would be padding but for one token; use a smaller dilation "
+                         "(or 0 for MaxViT's grid)")
 
 
 @register_attention(

@@ -107,6 +107,12 @@ def load_plugin(plugin: str) -> None:
     _loaded[key] = name
 
 
+def loaded_plugins() -> list[str]:
+    """The keys of the files and modules loaded in this process so far (installed entry points
+    aside: every process loads those by itself), for a process that must register the same."""
+    return [key for key in _loaded if not key.startswith("entry point ")]
+
+
 def load_plugins(plugins: Iterable[str]) -> list[str]:
     """Load each plugin in order; returns their keys (see :func:`plugin_key`)."""
     keys = []

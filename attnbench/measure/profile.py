@@ -72,3 +72,14 @@ def stage_times(events, runs: int, total_ms: float, cuda: bool) -> list[StageTim
     rest = total_ms - sum(s.ms for s in out)
     out.append(StageTime("other", max(rest, 0.0), max(rest, 0.0) / total_ms))
     return out
+
+
+def profile_case(case, runs: int = 3) -> tuple[list[StageTime], float]:
+    """Build ``case`` (a :class:`attnbench.schema.Case`), warm it up with one call and profile
+    ``runs`` calls: what ``bench profile`` runs in the case's own bounded process."""
+    from .case import build_case, check_device, make_step, torch_threads
+
+    with torch_threads(case.threads):
+        step = make_step(*build_case(case), case.mode)
+        step()
+        return profile_stages(step, runs, check_device(case.device, case.dtype))

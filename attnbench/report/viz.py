@@ -4,9 +4,10 @@ mask, mean attention distance)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import matplotlib
 
@@ -80,9 +81,10 @@ def build_for_viz(spec: str, dim: int, heads: int, weights: str = "content", che
     if weights not in WEIGHTS:
         raise ValueError(f"unknown weights '{weights}'; use one of {', '.join(WEIGHTS)}")
     torch.manual_seed(seed)
-    module = build_attention(spec, dim, heads).eval()
-    if weights == "content":
-        use_content_weights(module)
+    with mechanism_code(spec):
+        module = build_attention(spec, dim, heads).eval()
+        if weights == "content":
+            use_content_weights(module)
     wanted = module.state_dict()
     found = {k: checkpoint[k] for k in wanted if k in checkpoint} if checkpoint is not None else {}
     if not found:
@@ -145,8 +147,24 @@ def load_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
     raise ValueError(f"checkpoint '{path}' has no attention weights (no key ending in qkv.qkv.weight or qkv.weight)")
 
 
+class MechanismFailed(Exception):
+    """A mechanism's own code failed while it was drawn or measured; the message names it."""
+
+
+@contextmanager
+def mechanism_code(name: str) -> Iterator[None]:
+    """Whatever the mechanism ``name``'s code raises inside, named: a ValueError stays one (bad
+    input, such as a query off the grid), anything else is :class:`MechanismFailed`."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a plugin may raise anything
+        raise MechanismFailed(f"{name}: {type(exc).__name__}: {exc}") from exc
+
+
 def attention_maps(module: torch.nn.Module, scene: Scene, token_queries: list[tuple[int, int]]) -> AttentionMap:
-    with torch.no_grad():
+    with torch.no_grad(), mechanism_code(getattr(module, "mechanism", type(module).__name__)):
         return module.attention_map(scene.tokens, token_queries)
 
 
@@ -336,3 +354,12 @@ def draw_pattern_sheet(scene: Scene, specs: list[str], pixel_query: tuple[int, i
         axes[1][j].set_ylabel("query index")
     fig.suptitle(f"attention patterns on {Hg}x{Wg} tokens (red: query y={pixel_query[0]}, x={pixel_query[1]})")
     return save_figure(fig, out, "attention_patterns", svg, dpi=120), stats
+
+
+def draw(kind: str, scene: Scene, specs: list[str], queries: list[tuple[int, int]], out: Path,
+         options: dict[str, Any]) -> tuple[list[Path], list[PatternStats] | None]:
+    """``bench viz``'s drawing (``kind`` maps or pattern), as one call for its bounded process:
+    the files written, and the pattern statistics for a pattern sheet."""
+    if kind == "pattern":
+        return draw_pattern_sheet(scene, specs, queries[0], out, **options)
+    return draw_figure(scene, specs, queries, out, **options), None
