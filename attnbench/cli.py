@@ -734,13 +734,15 @@ def viz_command(
         picture = load_image(image, resolution, stride)
         queries = [parse_query(q) for q in query] if query else default_queries(picture)
         scene = Scene(picture, stride, content_tokens(picture, stride, dim), str(image or "grace_hopper.jpg (matplotlib sample data)"))
-        state = load_checkpoint(checkpoint) if checkpoint else None
+        if checkpoint:
+            load_checkpoint(checkpoint)  # a file that is no checkpoint fails here; the drawing process reads it again
         records = load_results(results).records if results else None
     except ValueError as exc:
         fail(str(exc))
     options = dict(dim=dim, heads=heads, weights=weights, svg=svg)
     if kind == "maps":
-        options.update(head=head, checkpoint=state, checkpoint_name=str(checkpoint) if checkpoint else None,
+        options.update(head=head, checkpoint_path=str(checkpoint) if checkpoint else None,
+                       checkpoint_name=str(checkpoint) if checkpoint else None,
                        records=records,
                        # a mechanism the user named must take the checkpoint whole; a default one may pass
                        partial="load" if partial_checkpoint else ("error" if methods else "skip"))
@@ -804,12 +806,16 @@ def fidelity_command(
     out: Optional[Path] = typer.Option(None, help="output folder (default: results/fidelity, or the next free results/fidelity-2, ...)"),
     force: bool = typer.Option(False, help="replace fidelity.csv in --out if it is there"),
     svg: bool = typer.Option(False, help="also write SVG"),
+    mem_limit: Optional[str] = typer.Option(None, help=MEM_LIMIT_HELP),
+    timeout: float = typer.Option(600.0, help=TIMEOUT_HELP),
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """How much of full attention's mass each pattern keeps, and how far its output moves, over real images."""
     import csv
 
     import torch
+
+    from dataclasses import replace
 
     from . import fidelity as fd
     from .measure.env import cpu_model, git_commit
@@ -818,18 +824,24 @@ def fidelity_command(
     from .report.viz import load_checkpoint, read_state_dict
 
     load_plugin_options(plugin)
-    network = None
     try:
+        bound = bound_or_default(mem_limit, timeout)
+        if model is not None and checkpoint:
+            read_state_dict(checkpoint)  # an unreadable file fails here; the bounded processes read it again
         if model is not None:
             given = [f"--{name}" for name, value in (("stride", stride), ("dim", dim), ("heads", heads)) if value is not None]
             if given:
                 raise ValueError(f"{', '.join(given)}: with --model the stage sets the token grid, channels and heads")
-            network = fd.network_for(model, stage, read_state_dict(checkpoint) if checkpoint else None)
-            resolution = resolution or 224
-            stride, dim, heads = network.reduction, network.block.norm1.normalized_shape[0], network.block.attn.num_heads
+    except ValueError as exc:
+        fail(str(exc))
+    if model is not None:  # the backbone is built in a bounded process too
+        stride, dim, heads = bounded(fd.network_shape, (model, stage, str(checkpoint) if checkpoint else None),
+                                     "bench fidelity", bound, timeout)
+        resolution = resolution or 224
+    try:
         settings = fd.Settings(resolution or 512, stride or 16, dim or 64, heads or 2, queries)
         settings.check()
-        kinds = list(dict.fromkeys(weights or ([] if checkpoint or network else ["content"])))
+        kinds = list(dict.fromkeys(weights or ([] if checkpoint or model else ["content"])))
         for kind in kinds:
             if kind not in fd.WEIGHT_KINDS:
                 raise ValueError(f"unknown --weights '{kind}'; use {' or '.join(fd.WEIGHT_KINDS)}")
@@ -849,50 +861,39 @@ def fidelity_command(
             raise ValueError(f"{out / 'fidelity.csv'} exists; use --force to replace it, or another --out")
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file, not a folder")
-        specs, notes = fd.check_specs(split_methods(methods) if methods else fd.default_specs(), settings,
-                                      required=bool(methods))
-        state = None
-        if network is not None:
+        if model is not None:
             kinds.append("network")
         elif checkpoint:
-            state = load_checkpoint(checkpoint)
+            load_checkpoint(checkpoint)  # a file that is no checkpoint fails here, before any work
             kinds.append("checkpoint")
-        measurements = fd.plan(specs, kinds, settings, checkpoint=state, network=network)
-        if state is not None and not any(kind == "checkpoint" for kind, _, _ in measurements):
-            raise ValueError(f"checkpoint {checkpoint} fits none of the mechanisms ({', '.join(specs)}) at --dim "
-                             f"{dim} --heads {heads}; name the mechanism it was trained for with --methods")
+        study = fd.Study(tuple(split_methods(methods) if methods else fd.default_specs()), tuple(kinds), settings,
+                         str(checkpoint) if checkpoint else None, model, stage)
         records = load_results(results).records if results else None
         if records:  # before any work: the latency plot needs cases on this grid
-            report.runs_on_grid(records, *settings.grid, dim, heads)
+            report.runs_on_grid(records, *settings.grid, settings.dim, settings.heads)
     except ValueError as exc:
         fail(str(exc))
+    specs, notes, _ = bounded(fd.check_study, (study, bool(methods)), "bench fidelity", bound, timeout)
+    study = replace(study, specs=specs)
     for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     out.mkdir(parents=True, exist_ok=True)
     about = {"command": command_line(ctx), "machine": cpu_model(), "torch": torch.__version__,
              "commit": git_commit(), "images": [str(p) for p in paths], "results": str(results) if results else None,
              "checkpoint": str(checkpoint) if checkpoint else None,
-             "tokens": f"{model} stage {stage} features" if network else "image statistics (bench viz's content tokens)"}
+             "tokens": f"{model} stage {stage} features" if model else "image statistics (bench viz's content tokens)"}
     (out / "fidelity.json").write_text(json.dumps(about, indent=2) + "\n")
-    total = len(paths) * len(measurements)
     with open(out / "fidelity.csv", "w", newline="") as f, Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, transient=True) as progress:
         writer = csv.DictWriter(f, fieldnames=report.COLUMNS)
         writer.writeheader()
-        task = progress.add_task("fidelity", total=total)
-
-        def written(row: dict) -> None:  # each row lands on disk as it finishes
-            writer.writerow(row)
-            f.flush()
-
-        def step(what: str) -> None:
-            progress.update(task, description=escape(what), advance=1)
-
-        try:
-            fd.run(measurements, paths, settings, network=network, on_row=written, on_step=step)
-        except ValueError as exc:
-            fail(str(exc))
+        task = progress.add_task("fidelity", total=len(paths))
+        for path, name in zip(paths, fd.image_names(paths)):  # each image in its own bounded process
+            progress.update(task, description=escape(name))
+            writer.writerows(bounded(fd.study_image, (study, path, name), "bench fidelity", bound, timeout))
+            f.flush()  # each image's rows land on disk as it finishes
+            progress.advance(task)
     try:
         df, written_files = write_fidelity_reports(out, records, svg)
     except ValueError as exc:

@@ -20,7 +20,7 @@ that no weight inside a pattern underflows to zero and counts as unattended.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -289,14 +289,15 @@ def plan(specs: list[str], kinds: list[str], settings: Settings, *, checkpoint: 
 
 def run(measurements: list[tuple[str, str, AttentionBase]], images: list[Path], settings: Settings, *,
         network: Network | None = None, on_row: Callable[[dict], None] = lambda r: None,
-        on_step: Callable[[str], None] = lambda s: None) -> list[dict]:
+        on_step: Callable[[str], None] = lambda s: None, names: list[str] | None = None) -> list[dict]:
     """Every measurement (see :func:`plan`) on every image, each row handed to ``on_row`` as it
     finishes. With a ``network``, the tokens are its features; else the image's statistics."""
     from .report.content import content_tokens, load_square
+    from .report.viz import mechanism_code
 
     rows = []
     queries = query_positions(settings.grid, settings.max_queries, settings.seed)
-    for path, name in zip(images, image_names(images)):
+    for path, name in zip(images, names or image_names(images)):
         picture = load_square(path, settings.resolution)
         if network is not None:
             tokens = network.features(picture)
@@ -307,6 +308,82 @@ def run(measurements: list[tuple[str, str, AttentionBase]], images: list[Path], 
             tokens = content_tokens(picture, settings.stride, settings.dim).double()
         for kind, spec, module in measurements:
             on_step(f"{name}: {spec} ({kind})")
-            rows.append(row(spec, kind, name, settings, measure(module, tokens, queries)))
+            with mechanism_code(spec):  # a failure names its mechanism
+                result = measure(module, tokens, queries)
+            rows.append(row(spec, kind, name, settings, result))
             on_row(rows[-1])
     return rows
+
+
+@dataclass(frozen=True)
+class Study:
+    """What `bench fidelity` measures, sent whole to each of its bounded processes: the
+    mechanisms are built there, never in the caller's."""
+
+    specs: tuple[str, ...]
+    kinds: tuple[str, ...]  # weight kinds: content, random, checkpoint, network
+    settings: Settings
+    checkpoint_path: str | None = None  # an attention state dict (kind checkpoint), or with model the model's
+    model: str | None = None  # a backbone whose stage's features are the tokens (kind network)
+    stage: int = 1
+
+    @property
+    def checkpoint(self) -> dict | None:
+        """The attention checkpoint, read where it is used (a state dict sent to another process
+        would take a file descriptor per tensor)."""
+        from .report.viz import load_checkpoint
+
+        return load_checkpoint(self.checkpoint_path) if self.checkpoint_path and not self.model else None
+
+    def network(self) -> Network | None:
+        from .report.viz import read_state_dict
+
+        state = read_state_dict(self.checkpoint_path) if self.checkpoint_path else None
+        return network_for(self.model, self.stage, state) if self.model else None
+
+    def plan(self, network: Network | None = None) -> list[tuple[str, str, AttentionBase]]:
+        from .report.viz import mechanism_code
+
+        out, checkpoint = [], self.checkpoint
+        for kind in self.kinds:
+            if kind == "network":
+                out.append((kind, network.spec, network.block.attn))
+                continue
+            for spec in self.specs:
+                with mechanism_code(spec):
+                    module = build(spec, kind, self.settings, checkpoint)
+                if module is not None:
+                    out.append((kind, spec, module))
+        return out
+
+
+def network_shape(model: str, stage: int, checkpoint_path: str | None) -> tuple[int, int, int]:
+    """(pixels per token, channels, heads) at ``stage`` of the backbone ``model``."""
+    network = Study((), (), Settings(), checkpoint_path, model, stage).network()
+    return network.reduction, network.block.norm1.normalized_shape[0], network.block.attn.num_heads
+
+
+def check_study(study: Study, required: bool) -> tuple[tuple[str, ...], list[str], int]:
+    """The specs the study can measure, notes on those left out, and the measurements per
+    image; a ValueError for a spec the grid cannot take or a checkpoint that fits nothing."""
+    from .report.viz import mechanism_code
+
+    kept, notes = [], []
+    for spec in study.specs:
+        with mechanism_code(spec):
+            k, n = check_specs([spec], study.settings, required)
+        kept += k
+        notes += n
+    checked = replace(study, specs=tuple(kept))
+    measurements = checked.plan(checked.network())
+    if study.checkpoint_path and not study.model and not any(kind == "checkpoint" for kind, _, _ in measurements):
+        raise ValueError(f"the checkpoint fits none of the mechanisms ({', '.join(kept)}) at --dim "
+                         f"{study.settings.dim} --heads {study.settings.heads}; name the mechanism it was trained "
+                         "for with --methods")
+    return tuple(kept), notes, len(measurements)
+
+
+def study_image(study: Study, path: Path, name: str) -> list[dict]:
+    """Every measurement of ``study`` on one image: its rows (run in the study's bounded process)."""
+    network = study.network()
+    return run(study.plan(network), [path], study.settings, network=network, names=[name])

@@ -148,3 +148,22 @@ def test_bench_viz_names_a_mechanism_whose_code_fails(tmp_path, command):
                                           "--resolution", "128", "--out", tmp_path / "v"], catch_exceptions=False)
     assert result.exit_code == 1, result.output
     assert "bench viz: error: raises_in_init: RuntimeError: cannot find my CUDA extension" in flat(result.output)
+
+
+def test_bench_fidelity_runs_the_mechanisms_in_bounded_processes(tmp_path):
+    """fidelity built and measured every mechanism in bench's own process."""
+    from pathlib import Path as P
+
+    import matplotlib
+
+    from attnbench.attention.plugins import plugins_forgotten_after
+
+    photo = P(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    with plugins_forgotten_after():
+        result = CliRunner().invoke(app, ["fidelity", "--plugin", HOSTILE, "-m", "full,raises_in_init", "--image", photo,
+                                          "--resolution", "128", "--out", tmp_path / "f", "--timeout", "60"],
+                                    catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert "bench fidelity: error: raises_in_init: RuntimeError: cannot find my CUDA extension" in flat(result.output)
+    bad = CliRunner().invoke(app, ["fidelity", "-m", "full", "--image", photo, "--timeout", "0", "--out", tmp_path / "g"])
+    assert bad.exit_code == 2 and "--timeout 0.0 must be more than 0" in flat(bad.output)

@@ -362,4 +362,5 @@ def draw(kind: str, scene: Scene, specs: list[str], queries: list[tuple[int, int
     the files written, and the pattern statistics for a pattern sheet."""
     if kind == "pattern":
         return draw_pattern_sheet(scene, specs, queries[0], out, **options)
-    return draw_figure(scene, specs, queries, out, **options), None
+    path = options.pop("checkpoint_path", None)  # read here: a state dict sent over would take an fd per tensor
+    return draw_figure(scene, specs, queries, out, checkpoint=load_checkpoint(path) if path else None, **options), None
