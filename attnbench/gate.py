@@ -202,11 +202,19 @@ def case_fields(case: Case) -> dict[str, Any]:
     return {k: fields[k] for k in CASE_FIELDS}
 
 
+def code_paths(tree: Path) -> list[str]:
+    """Where a side's worker imports code from, before anything installed: the tree's top (a
+    flat layout: attnbench itself, or a plugin package beside its pyproject.toml) and its src/
+    (a src layout, as plugin distributions usually are). So in a plugin's own repository each
+    side times its own plugin code, not the copy installed in the environment."""
+    return [str(tree)] + ([str(tree / "src")] if (tree / "src").is_dir() else [])
+
+
 class _Side:
     """A worker process for one side of a round: started, warmed up, told what to time."""
 
     def __init__(self, tree: Path, job: Path, errors: Path) -> None:
-        env = {**MALLOC, **os.environ, "PYTHONPATH": str(tree) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        env = {**MALLOC, **os.environ, "PYTHONPATH": os.pathsep.join(code_paths(tree) + [os.environ.get("PYTHONPATH", "")]),
                "PYTHONDONTWRITEBYTECODE": "1"}  # nothing written into either tree
         self.tree, self.errors = tree, errors
         with errors.open("w") as err:  # a file, not a pipe: a chatty worker never blocks on it

@@ -241,3 +241,22 @@ def test_a_stopped_gate_leaves_no_worktree_and_no_process(scratch_repo):
     while alive(workers) and time.time() < deadline:
         time.sleep(0.2)
     assert not alive(workers)
+
+
+def test_in_a_plugin_repository_each_side_times_its_own_plugin_code(tmp_path, monkeypatch):
+    """Inside an installed plugin's repository (a src layout), both sides imported the installed
+    copy, so a slowed working tree passed the gate (ratio 0.996)."""
+    pytest.importorskip("attnbench_linear")  # installed (editable) by the README's test command
+    repo = tmp_path / "plugin"
+    shutil.copytree(ROOT / "examples" / "attnbench-linear", repo, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    source = repo / "src" / "attnbench_linear" / "linear.py"
+    source.write_text(source.read_text() + SLOW.replace("WindowAttention", "LinearAttention"))
+    monkeypatch.chdir(repo)
+    result = bench("gate", "--base", "HEAD", "--methods", "linear", "--resolution", "64", "--rounds", "5",
+                   "--alpha", "0.05", "--factor", "1.3", "--threads", "1", "--out", str(tmp_path / "g"))
+    assert result.exit_code == 1, result.output
+    raw = json.loads((tmp_path / "g" / "gate.json").read_text())
+    (found,) = gate.verdicts(raw, gate.Settings(rounds=5, alpha=0.05, factor=1.3))
+    assert found.verdict == "slower" and found.ratio > 1.3
