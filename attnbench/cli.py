@@ -342,9 +342,13 @@ def run_command(
     except ValueError as exc:
         fail(str(exc))
 
+    from .attention import canonical
+    from .attention.plugins import provenance
+
     folder = out or default_folder(device, resolutions + tuple(f"{h}x{w}" for h, w in sizes), resume)
     store = ResultsStore(folder)
-    config = {"preset": None if specs else chosen.name, "methods": specs, "resolutions": list(resolutions), **fields}
+    config = {"preset": None if specs else chosen.name, "methods": specs, "resolutions": list(resolutions), **fields,
+              "mechanisms": provenance(canonical(c.spec).name for c in cases)}  # --resume refuses changed code or defaults
     if sizes:
         config["sizes"] = sorted(f"{h}x{w}" for h, w in sizes)
     if repeat > 1:
@@ -464,9 +468,11 @@ def config_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[
         specs = c.get("methods")
         return None if specs is None else sorted({(m.name, m.params_text) for m in map(canonical, specs)})
 
+    from .attention.plugins import provenance_changes
+
     old = old or {}
-    out = []
-    for key in sorted(set(old) | set(new)):
+    out = provenance_changes(old.get("mechanisms", {}), new.get("mechanisms", {}))  # absent in older runs
+    for key in sorted((set(old) | set(new)) - {"mechanisms"}):
         a, b = (methods(old), methods(new)) if key == "methods" else (old.get(key), new.get(key))
         if key == "resolutions":
             a, b = sorted(a or []), sorted(b or [])

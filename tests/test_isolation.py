@@ -167,3 +167,30 @@ def test_bench_fidelity_runs_the_mechanisms_in_bounded_processes(tmp_path):
     assert "bench fidelity: error: raises_in_init: RuntimeError: cannot find my CUDA extension" in flat(result.output)
     bad = CliRunner().invoke(app, ["fidelity", "-m", "full", "--image", photo, "--timeout", "0", "--out", tmp_path / "g"])
     assert bad.exit_code == 2 and "--timeout 0.0 must be more than 0" in flat(bad.output)
+
+
+def test_resume_refuses_a_plugin_whose_defaults_or_code_changed(tmp_path):
+    """Resuming after a plugin's default changed (topk 64 -> 8) mixed two settings under one
+    label. config.json records each mechanism's defaults and its file's hash."""
+    from attnbench.attention.plugins import plugins_forgotten_after
+
+    plugin = tmp_path / "routed.py"
+    text = ("import torch.nn as nn\nfrom attnbench import AttentionBase, Param, register_attention\n\n"
+            "@register_attention('routed', 'a linear map with a routing knob', [Param('topk', 64, 'routed regions', low=1)])\n"
+            "class Routed(AttentionBase):\n    def __init__(self, dim, num_heads, topk=64):\n"
+            "        super().__init__(dim, num_heads)\n        self.proj = nn.Linear(dim, dim)\n\n"
+            "    def forward(self, x):\n        return self.proj(x)\n")
+    plugin.write_text(text)
+    out = tmp_path / "run"
+    args = ["run", "--plugin", plugin, "-m", "routed", "--device", "cpu", "-r", "32", "--dim", "16", "--budget", "0.02",
+            "--out", out]
+    with plugins_forgotten_after():
+        assert CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["mechanisms"]["routed"]["defaults"] == {"topk": 64} and len(config["mechanisms"]["routed"]["sha256"]) == 16
+    plugin.write_text(text.replace("64", "8"))
+    with plugins_forgotten_after():
+        result = CliRunner().invoke(app, [str(a) for a in args + ["-r", "64", "--resume"]], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    said = flat(result.output)
+    assert "mechanism routed's defaults changed (topk 64 there, 8 now)" in said and "routed's code changed" in said

@@ -141,3 +141,50 @@ def plugins_forgotten_after() -> Iterator[None]:
         registry._REGISTRY.update(mechanisms)
         _loaded.clear()
         _loaded.update(loaded)
+
+
+def provenance(names: Iterable[str]) -> dict[str, dict]:
+    """What each named mechanism's measurements came from, for a run's config.json: its
+    defaults, and for one from outside attnbench the file that defines it (path and sha256 of
+    its content) and the distribution that installed it (name and version), where any did."""
+    from importlib.metadata import packages_distributions, version
+
+    from .registry import attention_info
+
+    owners = packages_distributions()
+    out = {}
+    for name in sorted(set(names)):
+        info = attention_info(name)
+        entry: dict = {"defaults": info.defaults()}
+        module = sys.modules.get(info.cls.__module__)
+        top = info.cls.__module__.partition(".")[0]
+        if top != "attnbench":
+            path = getattr(module, "__file__", None)
+            if path:
+                entry["file"] = str(Path(path).resolve())
+                entry["sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+            dists = owners.get(top, [])
+            if dists:
+                entry["distribution"] = f"{dists[0]} {version(dists[0])}"
+        out[name] = entry
+    return out
+
+
+def provenance_changes(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
+    """How the mechanisms a run shares with an earlier one changed: defaults, code, version."""
+    changes = []
+    for name in sorted(set(old) & set(new)):
+        was, now = old[name], new[name]
+        if was.get("defaults") != now.get("defaults"):
+            differ = sorted(k for k in set(was.get("defaults", {})) | set(now.get("defaults", {}))
+                            if was.get("defaults", {}).get(k) != now.get("defaults", {}).get(k))
+            changes.append(f"mechanism {name}'s defaults changed ("
+                           + ", ".join(f"{k} {was['defaults'].get(k)} there, {now['defaults'].get(k)} now" for k in differ)
+                           + ")")
+        if was.get("sha256") != now.get("sha256"):
+            changes.append(f"mechanism {name}'s code changed ({now.get('file') or was.get('file')}: sha256 "
+                           f"{was.get('sha256')} there, {now.get('sha256')} now)")
+        if was.get("distribution") != now.get("distribution"):
+            changes.append(f"mechanism {name}'s distribution changed ({was.get('distribution')} there, "
+                           f"{now.get('distribution')} now)")
+    return changes
