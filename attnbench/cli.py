@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -27,7 +28,7 @@ from .report import summary_markdown, summary_rows
 from .report.compare import compare_runs, environment_differences, gate_failed, key_differences, load_results
 from .report.table import COLUMNS
 from .schema import DTYPE_NAMES, machine_of
-from .sweep import PRESETS, ModelPreset, ResultsStore, build_cases, preset, result_key
+from .sweep import PRESETS, ModelPreset, ResultsStore, build_cases, check_writable, preset, result_key
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="attnbench: what vision attention costs, and what it attends to.")
@@ -83,9 +84,22 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show the traceback 
     DEBUG = debug
 
 
+def expand_home(arg: str) -> str:
+    """'~/x' and '--out=~/x' with the home folder, as a shell does for an unquoted path: every
+    path option the same way (a quoted '~' made a folder named '~')."""
+    flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if value == "~" or value.startswith("~/"):
+        return flag + eq + os.path.expanduser(value)
+    return arg
+
+
 def main() -> None:
     """The `bench` command: errors a user can cause are one message and exit code 2 (each
     command says so); anything unexpected is one line and exit code 1, its traceback behind --debug."""
+    sys.argv[1:] = [expand_home(a) for a in sys.argv[1:]]
+    for stream in (sys.stdout, sys.stderr):  # an ASCII-only terminal gets '?' for '±', not a crash after the work
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - the last line of defence, see above
@@ -274,7 +288,13 @@ def default_folder(device: str, resolutions: tuple[int | str, ...], resume: bool
     taken = [c for c in candidates if ResultsStore(c).exists()]
     if resume:
         return taken[-1] if taken else base
-    return next(c for c in candidates if not ResultsStore(c).exists())
+    for c in candidates:  # claimed by making it: of two runs started together, each gets its own
+        try:
+            c.mkdir(parents=True)
+            return c
+        except FileExistsError:
+            continue
+    raise ValueError(f"no free results folder beside {base}; give --out")
 
 
 @app.command("run")
@@ -302,7 +322,7 @@ def run_command(
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
     model: list[str] = typer.Option(None, "--model", help="a whole network: a name from bench list, stl:SPEC (the STL network with that mechanism), NAME@key=value,... for builder overrides (biformer_t@n_win=8); repeatable"),
     size: list[str] = typer.Option(None, "--size", help="image size HxW in pixels, e.g. 800x1280 (non-square); repeatable (a model's default 224x224)"),
-    executor: str = typer.Option("local", "--executor", help="where cases run: local (here, one after another) or ray (a task per case on a Ray cluster; pip install 'attnbench[ray]')"),
+    executor: str = typer.Option("local", "--executor", help="where cases run: local (here, one after another) or ray (a task per case on a Ray cluster; pip install 'attnbench\\[ray]')"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="with --executor ray: the cluster's address (default: RAY_ADDRESS, else a local cluster)"),
     tf32: bool = typer.Option(False, "--tf32", help="let float32 matmuls and cuDNN convolutions use TF32 on the GPU (default: strict fp32, as the calibration GEMM; recorded in env.json)"),
 ) -> None:
@@ -452,9 +472,13 @@ def _run_in(store: ResultsStore, config: dict[str, Any], cases: list, bound: int
         writing.close()
         runner.close()
         fail(str(exc))
-    with writing:
+    with interrupts_as_keyboard_interrupt() as received, writing:  # the lock goes however the run ends
         try:
             _run_cases(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed, runner)
+        except KeyboardInterrupt:  # outside the case loop (calibrating, writing the reports): nothing half-written
+            name, code = stopped_by(received)
+            console.print(f"[yellow]interrupted ({name})[/]: every finished case is kept in {store.jsonl}")
+            raise typer.Exit(code) from None
         finally:
             runner.close()
 
@@ -557,7 +581,7 @@ def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: 
         except KeyboardInterrupt:  # running cases' processes are killed on the way out (runner.close in _run_in)
             name, code = stopped_by(received)
             console.print(f"[yellow]interrupted ({name})[/]: {finished} of {len(todo)} cases finished and kept in "
-                          f"{store.jsonl}; continue with the same command plus --resume --out {folder}")
+                          f"{store.jsonl}; continue with the same command plus --resume --out {shlex.quote(str(folder))}")
             raise typer.Exit(code) from None
     written = write_reports(store)
     table = _models_table if store.models else _results_table
@@ -574,6 +598,7 @@ def plot_command(results: Path = typer.Argument(..., help="a results folder writ
         store = ResultsStore(results, models=True)
     if not store.jsonl.exists() and (results / "fidelity.csv").exists():
         try:
+            check_writable(results, "the fidelity folder")
             df, written = write_fidelity_reports(results, svg=(results / "fidelity_keys.svg").exists())
             console.print(fidelity_table(df))
         except ValueError as exc:
@@ -583,6 +608,7 @@ def plot_command(results: Path = typer.Argument(..., help="a results folder writ
     if not store.jsonl.exists():
         fail(f"{results} holds no results.jsonl or models.jsonl; give a folder written by bench run")
     try:
+        check_writable(results, "the results folder")  # summary.md and the plots are written into it
         records = store.records()
     except ValueError as exc:
         fail(str(exc))
@@ -724,8 +750,7 @@ def viz_command(
             out = next(f for f in [Path("results/viz")] + [Path(f"results/viz-{n}") for n in range(2, 10_000)] if not taken(f))
         elif taken(out) and not force:
             raise ValueError(f"{out / (name + '.png')} exists; use --force to replace it, or another --out")
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file, not a folder")
+        check_writable(out)
         if stride < 1:
             raise ValueError(f"--stride {stride} must be >= 1")
         specs = split_methods(methods) if methods else default_methods()
@@ -865,8 +890,7 @@ def fidelity_command(
                        if not (f / "fidelity.csv").exists())
         elif (out / "fidelity.csv").exists() and not force:
             raise ValueError(f"{out / 'fidelity.csv'} exists; use --force to replace it, or another --out")
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file, not a folder")
+        check_writable(out)
         if model is not None:
             kinds.append("network")
         elif checkpoint:

@@ -165,6 +165,20 @@ OWN_FILES = ("results.jsonl", "results.csv", "results.csv.tmp", "results.jsonl.t
              "models.retried.jsonl", "models.rejected.jsonl", "attention_share.*", "throughput_vs_macs.*", "stages.*")
 
 
+def check_writable(folder: Path, option: str = "--out") -> None:
+    """Make ``folder`` if it is not there and try writing in it; a ValueError naming ``option``
+    before any work where that fails (a file, no permission, a full or read-only disk)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".bench-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{option} {folder} cannot be written: {exc.strerror or exc}") from None
+
+
 def _read_lock(path: Path) -> dict | None:
     try:
         holder = json.loads(path.read_text())
@@ -354,15 +368,7 @@ class ResultsStore:
     def writer(self) -> Iterator[None]:
         """Hold the folder's lock while writing: one bench run writes a folder at a time. A
         lock left by a process that is gone (on this host) is taken over."""
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ValueError(f"--out {self.folder} is a file, not a folder")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".bench-write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise ValueError(f"--out {self.folder} cannot be written: {exc.strerror or exc}") from None
+        check_writable(self.folder)
         mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
         while True:
             try:

@@ -205,3 +205,20 @@ def test_default_folder_never_reuses_an_earlier_run(tmp_path, monkeypatch):
     second = default_folder("cpu", (64,), resume=False)
     assert second.name == first.name + "-2"
     assert default_folder("cpu", (64,), resume=True) == first  # resume picks the latest run
+
+
+def test_no_help_text_loses_its_brackets_to_markup():
+    """rich took `[ray]` in `pip install 'attnbench[ray]'` for markup and printed nothing of it."""
+    import re
+
+    import typer.main
+
+    group = typer.main.get_command(app)
+    checked = 0
+    for name, command in group.commands.items():
+        shown = " ".join(runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"}).output.split())
+        for param in command.params:
+            for text in re.findall(r"\[[^\]\s]*\]", getattr(param, "help", None) or ""):
+                checked += 1
+                assert text.replace("\\[", "[") in shown.replace("\\[", "["), (name, param.name, text)
+    assert checked >= 1

@@ -57,8 +57,9 @@ def test_nonsensical_bounds_are_refused_up_front(option, value, tmp_path):
 @pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -9), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_stopping_bench_ends_its_case_processes(sig, code, tmp_path):
     """A case that runs for a minute, and bench stopped under it: nothing it started survives
-    it by more than a few seconds; a SIGTERM or Ctrl-C says how to resume."""
-    out = tmp_path / "o"
+    it by more than a few seconds; a SIGTERM or Ctrl-C says how to resume, the folder quoted
+    for the shell (a folder with a space in its name)."""
+    out = tmp_path / "my results"
     command = ["run", "-r", "2048", "-m", "full", "--dim", "16", "--device", "cpu", "--out", str(out)]
     # SIGINT as a terminal gives it: a test run started in the background of a non-interactive
     # shell (as CI may be) ignores SIGINT, and a child inherits that, so Ctrl-C could not be tested
@@ -83,7 +84,7 @@ def test_stopping_bench_ends_its_case_processes(sig, code, tmp_path):
             time.sleep(0.2)
         assert not alive(started), f"left running: {alive(started)}"
         if sig != signal.SIGKILL:
-            assert "--resume" in output and str(out) in output.replace("\n", "")
+            assert "--resume" in output and f"--out '{out}'" in output.replace("\n", "")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -324,3 +325,65 @@ def test_gpu_check_dry_run_on_the_cpu_and_it_never_reuses_a_folder(tmp_path, mon
     assert "faster than fused full attention" in checks and "failed: nothing" in checks
     again = bench("gpu-check", "--device", "cpu", "-r", "64", "--out", out)
     assert again.exit_code == 2 and "exists" in again.output
+
+
+def test_more_threads_than_cpus_are_refused(tmp_path):
+    """--threads 1000 was taken: every case ended oom from thread stacks, env.json said 1000."""
+    result = bench("run", *TINY, "--threads", "1000", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "threads = 1000 is more than the" in " ".join(result.output.split())
+
+
+def test_a_quoted_home_folder_is_expanded_in_path_options(tmp_path, monkeypatch):
+    """--out '~/x' (quoted, so no shell expanded it) made a folder named '~'."""
+    from attnbench.cli import expand_home, main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert expand_home("~/x") == f"{tmp_path}/x" and expand_home("--out=~/y") == f"--out={tmp_path}/y"
+    assert expand_home("window:window_size=8") == "window:window_size=8"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench", "run", *TINY, "--out", "~/tilde-run"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code in (0, None)
+    assert (tmp_path / "tilde-run" / "results.jsonl").exists() and not (tmp_path / "~").exists()
+
+
+def test_output_survives_an_ascii_only_terminal(tmp_path):
+    """PYTHONIOENCODING=ascii crashed on the table's '±' after the measuring was done."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(ROOT / "results" / "2026-12-02-cpu-r512-t1", folder)
+    done = subprocess.run([sys.executable, "-c", "from attnbench.cli import main; main()", "plot", str(folder)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONIOENCODING": "ascii"}, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", [["viz", "--resolution", "64"], ["fidelity", "-m", "full", "--resolution", "64"]])
+def test_an_unwritable_folder_is_refused_before_any_work(command):
+    result = bench(*command, "--out", "/proc/attnbench-cannot-write-here")
+    assert result.exit_code == 2 and "cannot be written" in result.output
+
+
+def test_two_runs_started_together_take_two_default_folders(tmp_path, monkeypatch):
+    """The second was refused (the first's lock) instead of taking -2: the name was free until
+    the first wrote into it."""
+    from attnbench.cli import default_folder
+
+    monkeypatch.chdir(tmp_path)
+    first, second = default_folder("cpu", (64,), resume=False), default_folder("cpu", (64,), resume=False)
+    assert first != second and second.name == first.name + "-2"
+
+
+def test_an_interrupt_while_calibrating_ends_cleanly(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM during the calibration left a stale lock and a traceback."""
+    from attnbench.executors.local import LocalExecutor
+
+    def interrupted(self, settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalExecutor, "calibrate", interrupted)
+    out = tmp_path / "o"
+    result = bench("run", *TINY, "--out", out)
+    assert result.exit_code == 130, result.output
+    assert "interrupted (SIGINT)" in result.output and not (out / "bench.lock").exists()

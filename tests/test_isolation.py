@@ -194,3 +194,30 @@ def test_resume_refuses_a_plugin_whose_defaults_or_code_changed(tmp_path):
     assert result.exit_code == 2, result.output
     said = flat(result.output)
     assert "mechanism routed's defaults changed (topk 64 there, 8 now)" in said and "routed's code changed" in said
+
+
+def test_a_process_a_mechanism_starts_ends_with_its_case(tmp_path):
+    """A process started by a plugin (sleep 600) outlived the run."""
+    import os
+    import time
+
+    from attnbench.attention.plugins import plugins_forgotten_after
+
+    pidfile = tmp_path / "pid"
+    with plugins_forgotten_after():
+        result = CliRunner().invoke(app, ["run", "--plugin", HOSTILE, "-m", f"spawns:pidfile={pidfile}", "--device", "cpu",
+                                          "-r", "32", "--dim", "16", "--budget", "0.02", "--out", str(tmp_path / "o")],
+                                    catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError(f"sleep 600 (pid {pid}) outlived its case")

@@ -3,6 +3,7 @@ in the current process. :mod:`attnbench.measure.isolate` runs it in a child proc
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -60,6 +61,10 @@ def check_case(case: Case, here: bool = True) -> None:
         raise ValueError(f"unknown mode '{case.mode}'; use one of {', '.join(MODES)}")
     if case.threads < 0:
         raise ValueError(f"threads = {case.threads} must be >= 0 (0: torch's default)")
+    cpus = len(os.sched_getaffinity(0))
+    if here and case.threads > cpus:  # more would only add thread stacks, under the memory bound too
+        raise ValueError(f"threads = {case.threads} is more than the {cpus} CPUs this process may use; use 1..{cpus} "
+                         "(or 0 for torch's default)")
     for name in ("resolution", "stride", "batch"):
         if getattr(case, name) < 1:
             raise ValueError(f"{name} = {getattr(case, name)} must be >= 1")

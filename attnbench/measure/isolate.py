@@ -67,7 +67,7 @@ def _die_with(pid: int) -> None:
                     break
                 except PermissionError:
                     pass
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(0, signal.SIGKILL)  # this process's group: it and anything the mechanism started
 
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
@@ -84,6 +84,7 @@ class Outcome:
 
 def _child(conn, fn: Callable[..., Any], args: tuple, device: str, mem_limit: int, plugins: tuple[str, ...],
            parent_pid: int, cpus: tuple[int, ...], tf32: bool) -> None:
+    os.setpgid(0, 0)  # a group of its own: whatever the mechanism's code starts ends with it
     _die_with(parent_pid)
     conn.send(_call_here(fn, args, device, mem_limit, plugins, cpus, tf32))
     conn.close()
@@ -154,7 +155,24 @@ def _context(plugins: tuple[str, ...]):
         os.environ[NVML_CHECK_ENV] = "1"
         # torch._dynamo: the first call of a torch function that _disable_dynamo wraps imports it, 2 s a case here
         _CONTEXT.set_forkserver_preload(["torch", "torch._dynamo", "attnbench.measure.preload"])
+        _start_forkserver_deaf_to_ctrl_c()
     return _CONTEXT
+
+
+def _start_forkserver_deaf_to_ctrl_c() -> None:
+    """Start the forkserver with SIGINT ignored (a disposition exec keeps): a Ctrl-C while it
+    imports torch printed its KeyboardInterrupt traceback (or torch's "initialization failed")
+    over bench's own message. Ctrl-C stops bench, which ends the cases itself."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_isolated(
@@ -261,4 +279,8 @@ def call_isolated(fn: Callable[..., Any], args: tuple = (), *, device: str = "cp
         if proc.is_alive():
             proc.kill()
         proc.join(5)
+        try:  # what the mechanism started and left behind (the group is the child's pid, once it set it)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         parent.close()

@@ -21,6 +21,7 @@ the clock reads.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -114,6 +115,9 @@ def check_model_case(case: ModelCase, here: bool = True) -> None:
         raise ValueError(f"unknown mode '{case.mode}'; use one of {', '.join(MODES)}")
     if case.threads < 0:
         raise ValueError(f"threads = {case.threads} must be >= 0 (0: torch's default)")
+    if here and case.threads > len(os.sched_getaffinity(0)):
+        raise ValueError(f"threads = {case.threads} is more than the {len(os.sched_getaffinity(0))} CPUs this process "
+                         "may use")
     for name in ("height", "width", "batch"):
         if getattr(case, name) < 1:
             raise ValueError(f"{name} = {getattr(case, name)} must be >= 1")

@@ -75,3 +75,20 @@ class Untraceable(_Linear):
         if torch.jit.is_tracing():
             raise RuntimeError("INTERNAL ASSERT FAILED at a tracer (a stand-in for scatter_'s)")
         return self.proj(x)
+
+
+@register_attention("spawns", "starts a process that would outlive it; writes its pid to `pidfile`",
+                    [Param("pidfile", "", "where to write the started process's pid")])
+class Spawns(_Linear):
+    def __init__(self, dim: int, num_heads: int, pidfile: str = "") -> None:
+        super().__init__(dim, num_heads)
+        self.pidfile = pidfile
+
+    def forward(self, x):
+        if not hasattr(self, "started"):
+            import subprocess
+
+            self.started = subprocess.Popen(["sleep", "600"])
+            with open(self.pidfile, "w") as f:
+                f.write(str(self.started.pid))
+        return self.proj(x)
