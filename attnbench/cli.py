@@ -390,7 +390,7 @@ def parse_image_size(text: str) -> tuple[int, int]:
 def _run_models(models, sizes, preset_name, batch, dtype, mode, device, mem_limit, timeout, budget, compile_, threads,
                 repeat, out, resume, retry_failed, force, plugins, runner, given_layer_options, tf32=False) -> None:
     """bench run for whole networks: --model at each --size, or a model preset."""
-    from .measure.model import check_model_case
+    from .measure.model import check_model_builds, check_model_case
     from .sweep import build_model_cases
 
     try:
@@ -420,13 +420,15 @@ def _run_models(models, sizes, preset_name, batch, dtype, mode, device, mem_limi
         fields = dict(dtype=dtype, mode=mode, device=device, compile=compile_, threads=threads)
         cases = build_model_cases(entries, **fields)
         for case in cases:
-            check_model_case(case, here=runner.name == "local")
+            check_model_case(case, here=runner.name == "local", build=False)
         bound = parse_size(mem_limit, device) if mem_limit else None
         for name, value in (("--timeout", timeout), ("--budget", budget), ("--mem-limit", bound)):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} {mem_limit if name == '--mem-limit' else value} must be more than 0")
     except ValueError as exc:
         fail(str(exc))
+    # the networks' constructors (an stl:SPEC's mechanism may be a plugin's) run in a bounded process
+    bounded(check_model_builds, (cases,), "checking the networks", bound_or_default(mem_limit, timeout, "cpu"), timeout)
 
     folder = out or default_folder(device, (), resume, suffix="models" if models else preset_name)
     store = ResultsStore(folder, models=True)

@@ -63,9 +63,10 @@ class Settings:
         return self.resolution // self.stride, self.resolution // self.stride
 
     def check(self) -> None:
-        for name in ("resolution", "stride", "dim", "heads", "max_queries"):
+        for name, option in (("resolution", "--resolution"), ("stride", "--stride"), ("dim", "--dim"),
+                             ("heads", "--heads"), ("max_queries", "--queries")):  # named as the command line has them
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+                raise ValueError(f"{option} {getattr(self, name)} must be >= 1")
         if self.resolution % self.stride:
             raise ValueError(f"--resolution {self.resolution} is not a multiple of --stride {self.stride}; "
                              f"try {self.resolution // self.stride * self.stride}")

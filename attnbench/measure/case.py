@@ -70,7 +70,8 @@ def check_case(case: Case, here: bool = True) -> None:
             raise ValueError(f"{name} = {getattr(case, name)} must be >= 1")
     if case.image_width < 0:
         raise ValueError(f"image width {case.image_width} must be >= 1")
-    for side, px in (("resolution", case.resolution), ("image width", case.image_width)):
+    height = "image height" if case.image_width else "resolution"  # --size HxW names a height, -r a resolution
+    for side, px in ((height, case.resolution), ("image width", case.image_width)):
         if px % case.stride:
             raise ValueError(
                 f"{side} {px} is not a multiple of the stride {case.stride}; "

@@ -105,11 +105,21 @@ def _build(case: ModelCase) -> torch.nn.Module:
     return build_model(case.model, **parse_overrides(case.overrides))
 
 
-def check_model_case(case: ModelCase, here: bool = True) -> None:
+def check_model_builds(cases: list[ModelCase]) -> None:
+    """Each distinct network of ``cases`` built on the meta device: its name, its mechanism
+    spec and its overrides checked by its own constructors (a ValueError naming what is wrong)."""
+    for model, overrides in dict.fromkeys((c.model, c.overrides) for c in cases):
+        with torch.device("meta"):
+            build_model(model, **parse_overrides(overrides))
+
+
+def check_model_case(case: ModelCase, here: bool = True, build: bool = True) -> None:
     """Every reason a model case cannot run, found before anything runs: a ValueError
-    (``here=False``: the device is another machine's, as in :func:`check_device`)."""
-    with torch.device("meta"):
-        _build(case)  # name, spec, overrides
+    (``here=False``: the device is another machine's, as in :func:`check_device`). ``build``:
+    build the network on the meta device too (its name, spec and overrides), which runs its
+    constructors' code: bench does that in a bounded process (:func:`check_model_builds`)."""
+    if build:
+        check_model_builds([case])
     check_device(case.device, case.dtype, here)
     if case.mode not in MODES:
         raise ValueError(f"unknown mode '{case.mode}'; use one of {', '.join(MODES)}")
