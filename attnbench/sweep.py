@@ -271,6 +271,7 @@ class ResultsStore:
         """Move the lines :meth:`read` rejects (duplicates aside: those are refused) into
         results.rejected.jsonl, each with its line number and why, and rewrite results.jsonl
         without them (atomically); returns them. For --resume: nothing dropped, nothing fatal."""
+        self.repair()  # a last line cut by an interrupt is kept apart first, in .partial
         records, problems = self.read()
         twice = [p for p in problems if "is the same case as line" in p[2]]
         if twice:

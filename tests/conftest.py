@@ -69,3 +69,14 @@ def fake(monkeypatch):
         yield fake
     finally:
         fake.tracker.__exit__(None, None, None)
+
+
+@pytest.fixture(autouse=True)
+def _plugins_stay_in_their_test():
+    """Mechanisms a test registers (a --plugin its command loads) are forgotten after it: bench
+    sends every plugin its process has loaded to the processes that run mechanism code, so one
+    test's plugin would otherwise reach the next test's (a plugin that fails there, say)."""
+    from attnbench.attention.plugins import plugins_forgotten_after
+
+    with plugins_forgotten_after():
+        yield
