@@ -2,11 +2,11 @@
 
 A case that needs more memory than the bound ends as ``oom``, one that overruns as
 ``timeout``, one that raises or crashes as ``error``, one whose output is no attention
-output as ``invalid``; the caller goes on. Everything that runs a mechanism's code (building
-it, counting its MACs, timing it) happens in the case's process, never in the caller's. On the CPU the bound is an
-address-space limit (RLIMIT_AS) set in the child on top of what it holds after start-up,
-so an allocation past it fails inside the child, never in the kernel's OOM killer or swap.
-On CUDA it is ``torch.cuda.set_per_process_memory_fraction``. A case whose estimated
+output as ``invalid``; the caller goes on. Everything that runs a mechanism's code
+(building it, counting its MACs, timing it) happens in the case's process, never in the
+caller's. On the CPU the bound is an address-space limit (RLIMIT_AS) set in the child on
+top of what it holds after start-up, so an allocation past it fails inside the child, never
+in the kernel's OOM killer or swap. On CUDA it is ``torch.cuda.set_per_process_memory_fraction``. A case whose estimated
 peak is far beyond the bound is recorded as ``oom`` without being run. Plugins named by
 the caller are loaded in the child (and preloaded by the forkserver) before the case runs.
 """
@@ -67,7 +67,9 @@ def _die_with(pid: int) -> None:
                     break
                 except PermissionError:
                     pass
-        os.killpg(0, signal.SIGKILL)  # this process's group: it and anything the mechanism started
+        if os.getpgid(0) == os.getpid():  # its own group (see _child): it and anything the mechanism started
+            os.killpg(0, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
@@ -108,8 +110,10 @@ def _call_here(fn: Callable[..., Any], args: tuple, device: str, mem_limit: int,
         oom = is_oom(exc)
         status = getattr(exc, "status", None) or ("oom" if oom else "error")  # an exception may name its status
         detail = message if status != "error" else message + "\n" + traceback.format_exc(limit=-3)
+        if len(detail) > 2000:  # the first line names the cause: keep it, and the innermost frames
+            detail = detail[:600] + "\n...\n" + detail[-1390:]
         # the parent writes the record: this process may lack what it takes (a plugin that failed here)
-        return (status, detail[-2000:])
+        return (status, detail)
 
 
 def _measure(case: Case | ModelCase, budget_s: float, gemm_gflops: float | None, macs: tuple | None) -> dict[str, Any]:
