@@ -1081,7 +1081,7 @@ def gpu_check_command(
         pass
     finally:
         checks.write(finished=True)
-    console.print("\n".join(checks.lines + ["", "failed: " + ("; ".join(checks.failed) or "nothing")]))
+    console.print(checks.text(finished=True))
     if checks.failed:
         raise typer.Exit(1)
 

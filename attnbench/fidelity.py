@@ -271,27 +271,10 @@ def network_for(name: str, stage: int, state: dict | None) -> Network:
     return network
 
 
-def plan(specs: list[str], kinds: list[str], settings: Settings, *, checkpoint: dict | None = None,
-         network: Network | None = None) -> list[tuple[str, str, AttentionBase]]:
-    """(weights kind, spec, module) for each measurement of an image, each module built once:
-    every spec with content and random weights, those a ``checkpoint`` fits with it, and for
-    kind ``network`` the network's own attention."""
-    out = []
-    for kind in kinds:
-        if kind == "network":
-            out.append((kind, network.spec, network.block.attn))
-            continue
-        for spec in specs:
-            module = build(spec, kind, settings, checkpoint)
-            if module is not None:
-                out.append((kind, spec, module))
-    return out
-
-
 def run(measurements: list[tuple[str, str, AttentionBase]], images: list[Path], settings: Settings, *,
         network: Network | None = None, on_row: Callable[[dict], None] = lambda r: None,
         on_step: Callable[[str], None] = lambda s: None, names: list[str] | None = None) -> list[dict]:
-    """Every measurement (see :func:`plan`) on every image, each row handed to ``on_row`` as it
+    """Every measurement (see :meth:`Study.plan`) on every image, each row handed to ``on_row`` as it
     finishes. With a ``network``, the tokens are its features; else the image's statistics."""
     from .report.content import content_tokens, load_square
     from .report.viz import mechanism_code
@@ -343,6 +326,9 @@ class Study:
         return network_for(self.model, self.stage, state) if self.model else None
 
     def plan(self, network: Network | None = None) -> list[tuple[str, str, AttentionBase]]:
+        """(weights kind, spec, module) for each measurement of an image, each module built once:
+        every spec with content and random weights, those the checkpoint fits with it, and for
+        kind ``network`` the network's own attention."""
         from .report.viz import mechanism_code
 
         out, checkpoint = [], self.checkpoint

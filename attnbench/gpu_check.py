@@ -72,11 +72,14 @@ class Checks:
         self.failed.extend(what)
         self.write()
 
-    def write(self, finished: bool = False) -> None:
+    def text(self, finished: bool = False) -> str:
         failed = "; ".join(self.failed) or "nothing"
         tail = f"failed: {failed}" if finished else f"failed so far: {failed} (the check is running, or was stopped)"
+        return "\n".join(self.lines + ["", tail])
+
+    def write(self, finished: bool = False) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("\n".join(self.lines + ["", tail]) + "\n")
+        self.path.write_text(self.text(finished) + "\n")
 
 
 def peak_agreement_of(spec: str, resolution: int, device: str, mode: str) -> tuple[int | None, int]:

@@ -199,6 +199,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
+DUPLICATE = "is the same case as line"  # how read_lines names a repeated case (refused, never set aside)
+
+
 def read_lines(path: Path, models: bool = False) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]]]:
     """The one reader of a results .jsonl, for every command: the good records, and each line
     that is not one as (line number, text, why): not JSON, not a record of this kind, a field
@@ -224,7 +227,7 @@ def read_lines(path: Path, models: bool = False) -> tuple[list[dict[str, Any]], 
             continue
         identity = result_key(record) + machine_of(record)
         if identity in seen:
-            problems.append((n, line, f"{where} is the same case as line {seen[identity]} ({record['label']}); "
+            problems.append((n, line, f"{where} {DUPLICATE} {seen[identity]} ({record['label']}); "
                                       "a results file holds each case once"))
             continue
         seen[identity] = n
@@ -273,7 +276,7 @@ class ResultsStore:
         without them (atomically); returns them. For --resume: nothing dropped, nothing fatal."""
         self.repair()  # a last line cut by an interrupt is kept apart first, in .partial
         records, problems = self.read()
-        twice = [p for p in problems if "is the same case as line" in p[2]]
+        twice = [p for p in problems if DUPLICATE in p[2]]
         if twice:
             raise ValueError(f"{twice[0][2]}; keep one of the two lines")
         if problems:

@@ -223,11 +223,16 @@ def build_case(case: Case) -> tuple[torch.nn.Module, torch.Tensor]:
     return module, x
 
 
-def _call_seconds(fn: Callable[[], Any], device: torch.device) -> float:
+def _first_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """The seconds one call of ``fn`` takes, and what it returned."""
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     synchronize(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, out
+
+
+def _call_seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    return _first_call(fn, device)[0]
 
 
 @contextmanager
@@ -274,10 +279,7 @@ def _measure(case: Case, budget_s: float, gemm_gflops: float | None, macs: tuple
     if case.compile:
         module = torch.compile(module)
     step = make_step(module, x, case.mode)
-    t0 = time.perf_counter()
-    out = step()  # first call: compiles, fills caches, lazy init; not measured
-    synchronize(device)
-    first_s = time.perf_counter() - t0
+    first_s, out = _first_call(step, device)  # compiles, fills caches, lazy init; not measured
     check_output(out, case)
     del out
     compile_s = None
