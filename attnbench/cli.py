@@ -300,9 +300,9 @@ def default_folder(device: str, resolutions: tuple[int | str, ...], resume: bool
 @app.command("run")
 def run_command(
     resolution: list[int] = typer.Option(None, "--resolution", "-r", help="image side in pixels; repeat for several (default: the preset's, else 1024)"),
-    stride: int = typer.Option(4, help="pixels per token: the token grid is resolution/stride a side (4 = a backbone's first stage)"),
-    dim: int = typer.Option(64, help="channels C of the feature map (64: BiFormer-T stage 1)"),
-    heads: int = typer.Option(2, help="attention heads (2: BiFormer-T stage 1)"),
+    stride: Optional[int] = typer.Option(None, help="pixels per token: the token grid is resolution/stride a side (default: the preset's, else 4, a backbone's first stage)"),
+    dim: Optional[int] = typer.Option(None, help="channels C of the feature map (default: the preset's, else 64, BiFormer-T stage 1)"),
+    heads: Optional[int] = typer.Option(None, help="attention heads (default: the preset's, else 2, BiFormer-T stage 1)"),
     batch: Optional[int] = typer.Option(None, help="batch size (default 1; a model preset's own)"),
     dtype: str = typer.Option("float32", help=f"one of {', '.join(DTYPE_NAMES)} (the device must support it)"),
     mode: str = typer.Option("fwd", help="fwd: inference forward; fwdbwd: forward + backward"),
@@ -335,7 +335,7 @@ def run_command(
     if model or isinstance(PRESETS.get(preset_name), ModelPreset):
         return _run_models(model, size, preset_name, batch, dtype, mode, device, mem_limit, timeout, budget, compile_,
                            threads, repeat, out, resume, retry_failed, force, plugins, runner, given_layer_options=dict(
-                               resolution=resolution, methods=methods, stride=stride != 4, dim=dim != 64, heads=heads != 2),
+                               resolution=resolution, methods=methods, stride=stride is not None, dim=dim is not None, heads=heads is not None),
                            tf32=tf32)
     batch = 1 if batch is None else batch
     try:
@@ -350,8 +350,8 @@ def run_command(
         repeat = chosen.repeat if repeat is None else repeat
         if repeat < 1:
             raise ValueError(f"--repeat {repeat} must be >= 1")
-        fields = dict(stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode, device=device,
-                      compile=compile_, threads=threads)
+        fields = dict(**chosen.shape(stride=stride, dim=dim, heads=heads), batch=batch, dtype=dtype, mode=mode,
+                      device=device, compile=compile_, threads=threads)
         cases = build_cases(specs or chosen.specs, resolutions + tuple(sizes), **fields)
         for case in cases:
             check_case(case, here=runner.name == "local")  # mechanism, device and dtype, mode, resolution against the stride
@@ -834,8 +834,9 @@ def fidelity_command(
     stride: Optional[int] = typer.Option(None, help="pixels per token: the grid is resolution / stride tokens a side (default 16; with --model, the stage's)"),
     dim: Optional[int] = typer.Option(None, help="token channels (default 64; with --model, the stage's)"),
     heads: Optional[int] = typer.Option(None, help="attention heads (default 2; with --model, the stage's)"),
+    setting: Optional[str] = typer.Option(None, "--setting", help="a named layer instead of --resolution/--stride/--dim/--heads: biformer-t-stage3 (1024 px at stride 16: 64x64 tokens, dim 256, 8 heads; bench run --preset biformer-t-stage3 times the same layer)"),
     queries: int = typer.Option(4096, help="at most this many queries per image (a seeded sample beyond it)"),
-    results: Optional[Path] = typer.Option(None, help="a bench run folder on the same token grid: adds mass kept against latency"),
+    results: Optional[Path] = typer.Option(None, help="a bench run folder on the same token grid: adds mass kept and output error against latency"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: results/fidelity, or the next free results/fidelity-2, ...)"),
     force: bool = typer.Option(False, help="replace fidelity.csv in --out if it is there"),
     svg: bool = typer.Option(False, help="also write SVG"),
@@ -863,8 +864,9 @@ def fidelity_command(
             read_state_dict(checkpoint)  # an unreadable file fails here; the bounded processes read it again
         if model is not None:
             given = [f"--{name}" for name, value in (("stride", stride), ("dim", dim), ("heads", heads)) if value is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)}: with --model the stage sets the token grid, channels and heads")
+            if given or setting:
+                raise ValueError(f"{', '.join(given + (['--setting'] if setting else []))}: with --model the stage sets "
+                                 "the token grid, channels and heads")
     except ValueError as exc:
         fail(str(exc))
     if model is not None:  # the backbone is built in a bounded process too
@@ -872,7 +874,10 @@ def fidelity_command(
                                      "bench fidelity", bound, timeout)
         resolution = resolution or 224
     try:
-        settings = fd.Settings(resolution or 512, stride or 16, dim or 64, heads or 2, queries)
+        if setting:
+            settings = fd.named_setting(setting, queries, resolution=resolution, stride=stride, dim=dim, heads=heads)
+        else:
+            settings = fd.Settings(resolution or 512, stride or 16, dim or 64, heads or 2, queries)
         settings.check()
         kinds = list(dict.fromkeys(weights or ([] if checkpoint or model else ["content"])))
         for kind in kinds:
@@ -961,21 +966,20 @@ def write_fidelity_reports(out: Path, records: list[dict] | None = None, svg: bo
     if records is None and about.get("results") and Path(about["results"]).exists():
         records = load_results(about["results"]).records
     (out / "summary.md").write_text(report.summary_markdown(df, about))
-    written = [out / "summary.md"] + report.plot_mass_vs_keys(df, out, svg)
+    written = [out / "summary.md"] + report.plot_mass_vs_keys(df, out, svg) + report.plot_error_vs_keys(df, out, svg)
     if records:
-        written += report.plot_mass_vs_latency(df, records, out, svg)
+        written += report.plot_mass_vs_latency(df, records, out, svg) + report.plot_error_vs_latency(df, records, out, svg)
     return df, written
 
 
 def fidelity_table(df) -> Table:
-    from .report.fidelity import over_images
+    from .report.fidelity import mass_row, over_images
 
     table = Table(title=f"fidelity over {df['image'].nunique()} images, {df['height'].iloc[0]}x{df['width'].iloc[0]} tokens")
     for col in ("weights", "mechanism", "keys attended", "mass kept", "IQR over images", "kept / keys", "output error"):
         table.add_column(col, justify="left" if col in ("weights", "mechanism") else "right")
     for _, r in over_images(df).iterrows():
-        table.add_row(r["weights"], escape(r["label"]), f"{r['keys_fraction']:.1%}", f"{r['mass_kept']:.1%}",
-                      f"{r['mass_kept_lo']:.1%}-{r['mass_kept_hi']:.1%}", f"{r['gain']:.2f}", f"{r['output_error']:.3f}")
+        table.add_row(r["weights"], escape(r["label"]), f"{r['keys_fraction']:.1%}", *mass_row(r), f"{r['output_error']:.3f}")
     return table
 
 
@@ -1174,7 +1178,7 @@ def gate_command(
         specs = split_methods(methods) if methods else list(chosen.specs)
         threads = chosen.threads if threads is None else threads
         resolutions = (resolution,) if resolution else (chosen.resolutions or (512,))
-        cases = build_cases(specs, resolutions, device="cpu", threads=threads)
+        cases = build_cases(specs, resolutions, device="cpu", threads=threads, **chosen.shape())
         if not cases:
             raise ValueError("no cases to time; give --methods or a preset with cases")
         for case in cases:

@@ -7,7 +7,9 @@ For one mechanism, one image and every query (or a seeded sample of them):
   covers them all);
 - ``mass_kept``: the share of full attention's softmax mass that falls on those tokens.
   Full attention is built from the mechanism's own q, k and v of every token
-  (``token_qkv``), so only the pattern differs, not the weights;
+  (``token_qkv``), so only the pattern differs, not the weights. Defined for patterns that
+  choose which tokens a query sees; empty for a mechanism whose keys stand for every token
+  (``covers_every_token``: pooled or approximated keys), where it would be 1 by definition;
 - ``output_error``: ``|o_pattern - o_full| / |o_full|`` over all heads' channels, the
   attention outputs before the output projection (terms added outside the attention,
   such as BRA's lepe, left out of both).
@@ -70,6 +72,23 @@ class Settings:
         if self.resolution % self.stride:
             raise ValueError(f"--resolution {self.resolution} is not a multiple of --stride {self.stride}; "
                              f"try {self.resolution // self.stride * self.stride}")
+
+
+# a layer shape a study and a `bench run --preset` of the same name share (sweep.PRESETS)
+NAMED_SETTINGS = {
+    "biformer-t-stage3": Settings(resolution=1024, stride=16, dim=256, heads=8),  # 64x64 tokens
+}
+
+
+def named_setting(name: str, max_queries: int, **given: int | None) -> Settings:
+    """The named setting with ``max_queries``; a ValueError for an unknown name, or for
+    options that would change the layer it names."""
+    if name not in NAMED_SETTINGS:
+        raise ValueError(f"unknown --setting '{name}'; known: {', '.join(NAMED_SETTINGS)}")
+    clash = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+    if clash:
+        raise ValueError(f"{', '.join(clash)}: --setting {name} sets the grid, channels and heads; give one or the other")
+    return replace(NAMED_SETTINGS[name], max_queries=max_queries)
 
 
 def default_specs() -> list[str]:
@@ -150,17 +169,28 @@ def build(spec: str, kind: str, settings: Settings, checkpoint: dict | None = No
     return module.double()
 
 
-def check_specs(specs: list[str], settings: Settings, required: bool) -> tuple[list[str], list[str]]:
+def check_specs(specs: list[str], settings: Settings, required: bool,
+                content: bool = False) -> tuple[list[str], list[str]]:
     """(specs that can be measured on the grid, notes on those left out). Bad parameters,
     and a spec the grid cannot take, raise ValueError; so does one without ``token_qkv``
-    when it was asked for (``required``); from the default set it is left out with a note."""
+    (or, for ``content`` weights, without declared projections) when it was asked for
+    (``required``); from the default set it is left out with a note."""
+    from .report.content import declared_projections
+
     keep, notes = [], []
     H, W = settings.grid
     probe = torch.zeros(1, H, W, settings.dim)
     for spec in specs:
         module = build_attention(spec, settings.dim, settings.heads)
+        message = None
         if not has_token_qkv(module):
             message = f"{spec}: its mechanism does not define token_qkv, which fidelity needs to build full attention"
+        elif content:
+            try:
+                declared_projections(module)
+            except ValueError as exc:
+                message = f"{spec}: {exc}"
+        if message:
             if required:
                 raise ValueError(message)
             notes.append(message + "; left out")
@@ -181,13 +211,16 @@ def summarise(values: Tensor) -> tuple[float, float, float]:
     return float(v.mean()), float(torch.quantile(v, 0.25)), float(torch.quantile(v, 0.75))
 
 
-def row(spec: str, kind: str, image: str, settings: Settings, result: QueryFidelity) -> dict:
-    """One line of fidelity.csv: a mechanism on an image, its metrics' mean and quartiles over queries."""
+def row(spec: str, kind: str, image: str, settings: Settings, result: QueryFidelity,
+        covers_every_token: bool = False) -> dict:
+    """One line of fidelity.csv: a mechanism on an image, its metrics' mean and quartiles over
+    queries; mass kept left empty (None) for a mechanism whose keys stand for every token."""
     c = canonical(spec)
     H, W = settings.grid
     out = {"mechanism": c.name, "params": c.params_text, "image": image}
     for metric in METRICS:
-        mean, p25, p75 = summarise(getattr(result, metric))
+        mean, p25, p75 = (None,) * 3 if metric == "mass_kept" and covers_every_token else \
+            summarise(getattr(result, metric))
         out[metric] = mean
         out[f"{metric}_p25"], out[f"{metric}_p75"] = p25, p75
     out.update(weights=kind, label=c.label, resolution=settings.resolution, stride=settings.stride, height=H, width=W,
@@ -294,7 +327,7 @@ def run(measurements: list[tuple[str, str, AttentionBase]], images: list[Path], 
             on_step(f"{name}: {spec} ({kind})")
             with mechanism_code(spec):  # a failure names its mechanism
                 result = measure(module, tokens, queries)
-            rows.append(row(spec, kind, name, settings, result))
+            rows.append(row(spec, kind, name, settings, result, bool(module.covers_every_token)))
             on_row(rows[-1])
     return rows
 
@@ -358,7 +391,7 @@ def check_study(study: Study, required: bool) -> tuple[tuple[str, ...], list[str
     kept, notes = [], []
     for spec in study.specs:
         with mechanism_code(spec):
-            k, n = check_specs([spec], study.settings, required)
+            k, n = check_specs([spec], study.settings, required, content="content" in study.kinds)
         kept += k
         notes += n
     checked = replace(study, specs=tuple(kept))

@@ -37,6 +37,15 @@ class Preset:
     resolutions: tuple[int, ...] = ()  # used when the user gives none
     threads: int = 0  # used when the user gives none (0: torch's default)
     repeat: int = 1  # fresh processes per case, used when the user gives none
+    layer: tuple[tuple[str, int], ...] = ()  # the layer's stride, dim, heads where the preset sets them
+
+    def shape(self, **given: int | None) -> dict[str, int]:
+        """stride, dim and heads: those ``given`` (not None), else the preset's, else a
+        BiFormer-T stage-1 layer (stride 4, dim 64, 2 heads)."""
+        return {**LAYER_DEFAULTS, **dict(self.layer), **{k: v for k, v in given.items() if v is not None}}
+
+
+LAYER_DEFAULTS = {"stride": 4, "dim": 64, "heads": 2}
 
 
 DEFAULT_SPECS = (
@@ -59,6 +68,17 @@ DEFAULT_SPECS = (
 BRA_GRID_SPECS = ("full", "window:window_size=8") + tuple(
     f"bra:n_win={n_win},topk={topk}" for n_win in (4, 7, 8, 16) for topk in (1, 2, 4, 8, 16)
 )
+# bench fidelity's default set, built-ins only: the two commands pair on --preset / --setting biformer-t-stage3
+FIDELITY_SPECS = (
+    "full",
+    "window:window_size=8",
+    "axial:stripe=2",
+    "dilated:window_size=6,dilation=3",
+    "neighborhood",
+    "deformable:stride=4",
+    "sra:sr_ratio=4",
+    "bra:n_win=4,topk=4",
+) + tuple(f"bra:n_win=8,topk={k}" for k in (1, 2, 4, 8, 16))
 CI_SPECS = (
     "full",
     "full:impl=naive",
@@ -116,6 +136,9 @@ PRESETS = {
         # 256 px (64x64 tokens): every case under 0.3 s a call, so bench gate's 20 processes take minutes
         Preset("ci", "small and fast, for the perf gate (256 px at stride 4, one thread; bench run: each case the "
                "median of 3 processes)", CI_SPECS, (256,), threads=1, repeat=3),
+        # BiFormer-T (dims 64/128/256/512, 32 channels a head) at 1024 px: stage 3 is 64x64 tokens at stride 16
+        Preset("biformer-t-stage3", "bench fidelity's default set on BiFormer-T's stage-3 layer at 1024 px: 64x64 tokens "
+               "(stride 16), dim 256, 8 heads", FIDELITY_SPECS, (1024,), layer=(("stride", 16), ("dim", 256), ("heads", 8))),
         ModelPreset("backbones", "whole networks: BiFormer-T/S/B and Swin-T/S/B at 224 px, batch 64; the STL network "
                     "with each mechanism at 224, 512x2048 and 800x1280, batch 1 (global attention at 512x2048 on a GPU only)",
                     BACKBONE_CASES, BACKBONE_GPU_CASES),

@@ -32,6 +32,8 @@ def pooled_macs(s: Shape, p: dict) -> int:
 )
 class PooledAttention(AttentionBase):
     output_projection = "proj"  # the Linear whose input the attention map rebuilds
+    projections = {"q": "q", "kv": "kv"}  # what bench viz's and bench fidelity's content proxy set
+    covers_every_token = True  # pooled keys stand for every token: fidelity reports no mass kept
 
     def __init__(self, dim: int, num_heads: int, pool: int = 4) -> None:
         super().__init__(dim, num_heads)

@@ -95,10 +95,24 @@ class AttentionBase(nn.Module):
 
     A mechanism subclasses this, registers with ``register_attention``, implements
     ``forward`` and ``attention_map``, and names its final Linear in ``output_projection``
-    (the tests rebuild its input from the map)."""
+    (the tests rebuild its input from the map). What ``bench viz`` and ``bench fidelity``
+    need besides, it declares:
+
+    - ``projections``: each module that makes queries, keys or values, by its name, with
+      the roles of its output rows in order: ``{"qkv": "qkv"}`` for one fused Linear,
+      ``{"q": "q", "kv": "kv"}``, ``{"proj_q": "q", "proj_k": "k", "proj_v": "v"}``; a
+      fused Linear whose parts differ in size lists ``(role, rows)`` pairs. Role ``pool``
+      marks a strided, channel-preserving conv that pools keys (SRA's ``sr``). The content
+      proxy sets these (and ``output_projection``) and nothing else;
+    - ``covers_every_token``: True where every query's keys stand for every token, pooled
+      (SRA) or approximated (linear attention), so that the share of full attention's
+      mass it keeps is 1 by definition and is not reported.
+    """
 
     mechanism = "?"
     output_projection: str | None = None
+    projections: dict[str, Any] | None = None
+    covers_every_token: bool = False
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()

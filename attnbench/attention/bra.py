@@ -116,6 +116,10 @@ def bra_rules(shape: Shape | None, p: dict) -> None:
 class BiLevelRoutingAttention(AttentionBase):
     output_projection = "wo"
 
+    @property
+    def projections(self) -> dict[str, list[tuple[str, int]]]:
+        return {"qkv.qkv": [("q", self.qk_dim), ("k", self.qk_dim), ("v", self.dim)]}
+
     def __init__(
         self,
         dim: int,

@@ -72,6 +72,7 @@ def deformable_rules(shape: Shape | None, p: dict) -> None:
 )
 class DeformableAttention(AttentionBase):
     output_projection = "proj_out"
+    projections = {"proj_q": "q", "proj_k": "k", "proj_v": "v"}
 
     def __init__(
         self, dim: int, num_heads: int, stride: int = 8, groups: int = 1, offset_range: float = 2.0, kernel: int = 9

@@ -161,7 +161,10 @@ def grouped_rows(q: Tensor, k: Tensor, layout: GroupLayout, bias: Tensor | None,
     g, slot = pos // layout.size, pos % layout.size
     keys = layout.index[g]  # (Q, L)
     k_pad = torch.cat([k, k.new_zeros(1, *k.shape[1:])])
-    logits = torch.einsum("qhd,qlhd->qhl", q[tokens] * scale, k_pad[keys])
+    logits = q.new_empty(len(tokens), h, layout.size)
+    for group in g.unique():  # a group's keys once for all its queries, not copied out per query
+        rows = (g == group).nonzero().squeeze(1)
+        logits[rows] = torch.einsum("qhd,lhd->qhl", q[tokens[rows]] * scale, k_pad[layout.index[group]])
     if bias is not None:
         logits = logits + bias[0, :, slot, :].transpose(0, 1)  # (Q, h, L)
     mask = layout.mask_rows(g, slot)
@@ -197,6 +200,7 @@ class GroupedAttention(AttentionBase):
 
     impl = "sdpa"
     output_projection = "proj"
+    projections = {"qkv": "qkv"}
     branch_marks: tuple[str, ...] = ()
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:

@@ -170,6 +170,7 @@ def check_map_size(H: int, W: int, k: int, d: int) -> None:
 )
 class NeighborhoodAttention(AttentionBase):
     output_projection = "proj"
+    projections = {"qkv": "qkv"}
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, rel_pos_bias: bool = True,
                  impl: str = "tiled") -> None:

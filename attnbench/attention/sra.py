@@ -64,6 +64,15 @@ class SpatialReductionAttention(AttentionBase):
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim)
 
+    @property
+    def projections(self) -> dict[str, str]:
+        return {"q": "q", "kv": "kv", **({"sr": "pool"} if self.sr_ratio > 1 else {})}
+
+    @property
+    def covers_every_token(self) -> bool:
+        """Pooled keys (r > 1) stand for every token; at r = 1 this is full attention."""
+        return self.sr_ratio > 1
+
     def reduce(self, x: Tensor) -> Tensor:
         """(B, H, W, C) -> (B, H//r, W//r, C), the tokens keys and values are made from."""
         r = self.sr_ratio

@@ -140,36 +140,79 @@ def content_tokens(image: np.ndarray, stride: int, dim: int, seed: int = 0) -> t
     return (feats @ basis.t()).unsqueeze(0)
 
 
+ROLES = ("q", "k", "v", "pool")
+
+
+def sharpness(heads: int) -> float:
+    """What queries and keys are scaled by: 2 at 2 heads, and by sqrt(heads / 2) more at more
+    heads. A head sees dim / heads channels of the tokens' embedding, so about 2 / heads of
+    their dot product; without this the same content split over 8 heads would attend about 4
+    times more softly than over 2 (nearly uniformly at 64x64 tokens), whatever the mechanism."""
+    return (2.0 * heads) ** 0.5
+
+
+def declared_projections(module: nn.Module) -> dict[str, list[tuple[str, int]]]:
+    """The module's ``projections`` as {module name: [(role, rows), ...]}; a ValueError that
+    names what to declare where there is no declaration or it does not fit the module."""
+    declared = getattr(module, "projections", None)
+    name = getattr(module, "mechanism", type(module).__name__)
+    if not declared:
+        raise ValueError(
+            f"{name} does not declare its projections, which content weights need: give its class "
+            "`projections = {'qkv': 'qkv'}` (each Linear that makes queries, keys or values, with the roles "
+            "of its output rows in order, e.g. {'q': 'q', 'kv': 'kv'}), or use random weights")
+    layers = dict(module.named_modules())
+    out = {}
+    for path, roles in declared.items():
+        layer = layers.get(path)
+        if layer is None:
+            raise ValueError(f"{name} declares projection '{path}', which is not one of its modules")
+        if roles == "pool":
+            if not (isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.in_channels == layer.out_channels):
+                raise ValueError(f"{name}'s '{path}' is declared 'pool' but is not a channel-preserving Conv2d")
+            out[path] = [("pool", layer.out_channels)]
+            continue
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{name}'s projection '{path}' is a {type(layer).__name__}, not a Linear")
+        parts = [(r, layer.out_features // len(roles)) for r in roles] if isinstance(roles, str) else list(roles)
+        if any(r not in ROLES[:3] for r, _ in parts) or sum(n for _, n in parts) != layer.out_features:
+            raise ValueError(f"{name}'s projection '{path}' ({layer.out_features} output rows) is declared as "
+                             f"{roles!r}: give roles from q, k, v whose rows add up to its {layer.out_features}")
+        out[path] = parts
+    return out
+
+
 @torch.no_grad()
-def use_content_weights(module: nn.Module, sharpness: float = 2.0) -> nn.Module:
-    """Identity query/key/value/output projections (q and k scaled by ``sharpness``) and zero
-    biases, so that attention logits are scaled dot products of the tokens themselves. The
-    softmax scale is head_dim^-0.5 for every mechanism (BRA's own qk_dim^-0.5 would make its
-    attention softer than the others' on the same tokens)."""
+def use_content_weights(module: nn.Module, scale: float | None = None) -> nn.Module:
+    """The content proxy, set through what the mechanism declares (``projections`` and
+    ``output_projection``): each query, key and value block an identity (the first rows of
+    one, where a block is narrower than the tokens), queries and keys times ``scale`` (by
+    default :func:`sharpness` of the module's heads),
+    the output projection an identity, biases zero, a ``pool`` conv the mean of its cell. So
+    attention logits are scaled dot products of the tokens themselves, for every mechanism
+    alike. The softmax scale is head_dim^-0.5 everywhere (BRA's own qk_dim^-0.5 would make
+    its attention softer than the others' on the same tokens). Nothing else is touched."""
+    projections = declared_projections(module)
+    scale = sharpness(module.num_heads) if scale is None else scale
     if isinstance(getattr(module, "scale", None), float) and hasattr(module, "head_dim"):
         module.scale = module.head_dim**-0.5
-    for name, layer in module.named_modules():
-        if isinstance(layer, nn.Conv2d) and layer.stride[0] > 1 and layer.groups == 1 and \
-                layer.in_channels == layer.out_channels:  # a strided reduction (PVT's sr): the cell's mean
+    layers = dict(module.named_modules())
+    for path, parts in projections.items():
+        layer = layers[path]
+        if parts[0][0] == "pool":
             layer.weight.zero_()
             area = layer.kernel_size[0] * layer.kernel_size[1]
             for c in range(layer.in_channels):
                 layer.weight[c, c] = 1.0 / area
-            if layer.bias is not None:
-                layer.bias.zero_()
-            continue
-        if not isinstance(layer, nn.Linear):
-            continue
-        out_f, in_f = layer.weight.shape
-        eye = torch.eye(in_f)
-        if out_f == in_f:
-            w = eye * (sharpness if name.split(".")[-1] in ("proj_q", "proj_k", "q") else 1.0)
-        else:  # stacked [q; k; v] or [k; v] rows: all but the last block are queries or keys
-            blocks = out_f // in_f
-            w = torch.cat([eye * (sharpness if i < blocks - 1 else 1.0) for i in range(blocks)])
-            if w.shape[0] != out_f:
-                raise ValueError(f"cannot set identity weights on {name} of shape {tuple(layer.weight.shape)}")
-        layer.weight.copy_(w)
+        else:
+            eye = torch.eye(layer.out_features, layer.in_features)  # unused rows are sliced off below
+            blocks = [eye[:rows] * (scale if role in ("q", "k") else 1.0) for role, rows in parts]
+            layer.weight.copy_(torch.cat(blocks))
         if layer.bias is not None:
             layer.bias.zero_()
+    out = layers.get(module.output_projection or "")
+    if isinstance(out, nn.Linear) and out.in_features == out.out_features:
+        out.weight.copy_(torch.eye(out.in_features))
+        if out.bias is not None:
+            out.bias.zero_()
     return module

@@ -49,6 +49,15 @@ def read(path: Path | str) -> pd.DataFrame:
         raise ValueError(f"{path} is not a fidelity.csv (missing columns: {', '.join(missing)})")
     if df.empty:
         raise ValueError(f"{path} holds no rows")
+    for column in COLUMNS[3:12]:  # mass kept is empty where it is not defined
+        values = pd.to_numeric(df[column].replace("", np.nan), errors="coerce")
+        bad = values.isna() & (df[column] != "") & df[column].notna()
+        if bad.any():
+            raise ValueError(f"{path}, line {int(bad.idxmax()) + 2}: {column} '{df.loc[bad.idxmax(), column]}' is not a number")
+        df[column] = values
+    undefined = df["keys_fraction"].isna() | df["output_error"].isna()
+    if undefined.any():
+        raise ValueError(f"{path}, line {int(undefined.idxmax()) + 2}: keys_fraction and output_error are needed in every row")
     mixed = {c: sorted(map(str, df[c].unique())) for c in SETTING if df[c].nunique() > 1}
     if mixed:
         what = "; ".join(f"{c}: {', '.join(v)}" for c, v in mixed.items())
@@ -57,18 +66,33 @@ def read(path: Path | str) -> pd.DataFrame:
 
 
 def over_images(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (weights, mechanism, params): each metric's mean over images, and the quartiles
-    of mass kept over images; in the order the run measured them."""
+    """Per (weights, mechanism, params): each metric's mean over images and its quartiles
+    over images (``_lo``, ``_hi``); in the order the run measured them. Mass kept (and the
+    gain) is NaN for a mechanism whose rows leave it empty: keys that stand for every token."""
     rows = []
     for (kind, mech, params), g in df.groupby(["weights", "mechanism", "params"], sort=False):
         r: dict[str, Any] = {"weights": kind, "mechanism": mech, "params": params, "label": g["label"].iloc[0],
                              "images": len(g)}
         for m in METRICS:
-            r[m] = float(g[m].mean())
-        r["mass_kept_lo"], r["mass_kept_hi"] = (float(np.percentile(g["mass_kept"], q)) for q in (25, 75))
+            defined = g[m].dropna()
+            r[m] = float(defined.mean()) if len(defined) == len(g) else float("nan")
+            r[f"{m}_lo"], r[f"{m}_hi"] = ((float(np.percentile(defined, q)) for q in (25, 75)) if len(defined) == len(g)
+                                          else (float("nan"),) * 2)
         r["gain"] = r["mass_kept"] / r["keys_fraction"] if r["keys_fraction"] > 0 else float("nan")
         rows.append(r)
     return pd.DataFrame(rows)
+
+
+def percent(value: float) -> str:
+    """A share as a percentage, or n/a where it is not defined."""
+    return "n/a" if pd.isna(value) else f"{value:.1%}"
+
+
+def mass_row(r: pd.Series) -> tuple[str, str, str]:
+    """(mass kept, its IQR over images, kept / keys) as table cells."""
+    if pd.isna(r["mass_kept"]):
+        return "n/a", "n/a", "n/a"
+    return f"{r['mass_kept']:.1%}", f"{r['mass_kept_lo']:.1%} - {r['mass_kept_hi']:.1%}", f"{r['gain']:.2f}"
 
 
 def summary_markdown(df: pd.DataFrame, about: dict[str, Any] | None = None) -> str:
@@ -88,16 +112,19 @@ def summary_markdown(df: pd.DataFrame, about: dict[str, Any] | None = None) -> s
     summary = over_images(df)
     for kind, g in summary.groupby("weights", sort=False):
         lines += ["", f"## {kind} weights: {WEIGHTS_TEXT.get(kind, kind)}", "",
-                  "| mechanism | keys attended | mass kept | mass kept, IQR over images | mass kept / keys attended | output error |",
+                  "| mechanism | keys attended | mass kept | mass kept, IQR over images | mass kept / keys attended | output error (IQR) |",
                   "|---|---|---|---|---|---|"]
         for _, r in g.iterrows():
-            lines.append(f"| {r['label']} | {r['keys_fraction']:.1%} | {r['mass_kept']:.1%} | "
-                         f"{r['mass_kept_lo']:.1%} - {r['mass_kept_hi']:.1%} | {r['gain']:.2f} | {r['output_error']:.3f} |")
-    lines += ["", "Means over images of each image's mean over queries. keys attended: the share of the image's "
-              "tokens a query's pattern attends (per head, averaged). mass kept: the share of full attention's softmax "
-              "mass on those tokens, full attention built from the mechanism's own q, k, v. output error: "
-              "|o_pattern - o_full| / |o_full| before the output projection. A pattern that picked its keys blind to "
-              "content would keep about its key share (ratio 1).", ""]
+            mass, iqr, gain = mass_row(r)
+            lines.append(f"| {r['label']} | {r['keys_fraction']:.1%} | {mass} | {iqr} | {gain} | "
+                         f"{r['output_error']:.3f} ({r['output_error_lo']:.3f} - {r['output_error_hi']:.3f}) |")
+    lines += ["", "Means over images of each image's mean over queries; output error's IQR over images in brackets. "
+              "keys attended: the share of the image's tokens a query's pattern attends (per head, averaged). mass "
+              "kept: the share of full attention's softmax mass on those tokens, full attention built from the "
+              "mechanism's own q, k, v; n/a for a mechanism whose keys stand for every token (pooled or approximated), "
+              "where it would be 100% by definition. output error: |o_pattern - o_full| / |o_full| before the output "
+              "projection, the one figure every mechanism has. A pattern that picked its keys blind to content would "
+              "keep about its key share (ratio 1).", ""]
     if "content" in set(df["weights"]):
         lines += ["The content weights are a proxy: with identity projections attention follows the similarity of the "
                   "tokens themselves, not what a trained network attends to. They rank how well each pattern's support "
@@ -141,43 +168,70 @@ def _num(v: float) -> str:
     return f"{v:g}"
 
 
-def _draw(ax, summary: pd.DataFrame, x: str, xerr: bool = False) -> None:
+def _draw(ax, summary: pd.DataFrame, x: str, y: str = "mass_kept") -> None:
+    """A marker per spec at (x, y), error bars the IQR over images of y; a line through the
+    specs of one mechanism that differ in one parameter."""
     colours = plt.get_cmap("tab10").colors
     markers = "osD^vP*Xh<>"
+
+    def bars(frame: pd.DataFrame) -> list:
+        return [frame[y] - frame[f"{y}_lo"], frame[f"{y}_hi"] - frame[y]]
+
     for i, (mech, g) in enumerate(summary.groupby("mechanism", sort=False)):
         colour = colours[i % 10]
         lines, points = _lines(g)
         for label, run in lines:
-            ax.errorbar(run[x], run["mass_kept"], yerr=[run["mass_kept"] - run["mass_kept_lo"],
-                        run["mass_kept_hi"] - run["mass_kept"]], color=colour, marker=markers[i % 11], ms=5,
-                        capsize=2, lw=1.3, label=label)
+            ax.errorbar(run[x], run[y], yerr=bars(run), color=colour, marker=markers[i % 11], ms=5, capsize=2, lw=1.3,
+                        label=label)
         for j, (_, r) in enumerate(points.iterrows()):
-            ax.errorbar([r[x]], [r["mass_kept"]], yerr=[[r["mass_kept"] - r["mass_kept_lo"]],
-                        [r["mass_kept_hi"] - r["mass_kept"]]], color=colour, marker=markers[(i + j) % 11], ms=7,
-                        capsize=2, ls="none", mfc="white" if j else colour, label=r["label"])
+            ax.errorbar([r[x]], [r[y]], yerr=bars(pd.DataFrame([r])), color=colour, marker=markers[(i + j) % 11],
+                        ms=7, capsize=2, ls="none", mfc="white" if j else colour, label=r["label"])
+
+
+AXES = {
+    "mass_kept": "full attention's mass kept",
+    "output_error": "output error |o - o_full| / |o_full|",
+}
+
+
+def _panels(summary: pd.DataFrame, x: str, y: str, xlabel: str, out: Path, name: str, title: str, svg: bool) -> list[Path]:
+    """One panel per kind of weights: y against x on a log x axis; specs without y left off, named in the title."""
+    kinds = list(dict.fromkeys(summary["weights"]))
+    off = sorted(set(summary.loc[summary[y].isna(), "label"]))
+    summary = summary.dropna(subset=[y])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7.5 * len(kinds), 6.2), squeeze=False, layout="constrained")
+    for ax, kind in zip(axes[0], kinds):
+        _draw(ax, summary[summary["weights"] == kind], x, y)
+        if y == "mass_kept" and x == "keys_fraction":
+            grid = np.geomspace(max(summary[x].min() * 0.7, 1e-4), 1.0, 50)
+            ax.plot(grid, grid, color="grey", lw=0.8, ls=":", label="mass kept = keys attended")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.03 if y == "mass_kept" else max(1.03, float(summary[f"{y}_hi"].max()) * 1.05))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(AXES[y])
+        ax.set_title(WEIGHTS_TEXT.get(kind, kind), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    _legend(fig, axes)
+    if off:
+        title += f"\nleft off (keys stand for every token, mass kept n/a): {', '.join(off)}"
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, out, name, svg)
+
+
+KEYS_AXIS = "keys attended (share of the image's tokens)"
 
 
 def plot_mass_vs_keys(df: pd.DataFrame, out: Path, svg: bool = True) -> list[Path]:
     """Mass kept against keys attended, one panel per kind of weights; error bars: IQR over images."""
-    summary = over_images(df)
-    kinds = list(dict.fromkeys(summary["weights"]))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(7.5 * len(kinds), 6.2), squeeze=False, layout="constrained")
-    for ax, kind in zip(axes[0], kinds):
-        _draw(ax, summary[summary["weights"] == kind], "keys_fraction")
-        grid = np.geomspace(max(summary["keys_fraction"].min() * 0.7, 1e-4), 1.0, 50)
-        ax.plot(grid, grid, color="grey", lw=0.8, ls=":", label="mass kept = keys attended")
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1.03)
-        ax.set_xlabel("keys attended (share of the image's tokens)")
-        ax.set_ylabel("full attention's mass kept")
-        ax.set_title(WEIGHTS_TEXT.get(kind, kind), fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-    _legend(fig, axes)
-    whole = sorted(set(summary.loc[summary["keys_fraction"] >= 1.0, "label"]))
-    note = f"\nattending every token, at (1, 1): {', '.join(whole)}" if len(whole) > 1 else ""
-    fig.suptitle(_setting_title(df, "what each pattern keeps of full attention, against the keys it attends") + note,
-                 fontsize=11)
-    return save_figure(fig, out, "fidelity_keys", svg)
+    return _panels(over_images(df), "keys_fraction", "mass_kept", KEYS_AXIS, out, "fidelity_keys",
+                   _setting_title(df, "what each pattern keeps of full attention, against the keys it attends"), svg)
+
+
+def plot_error_vs_keys(df: pd.DataFrame, out: Path, svg: bool = True) -> list[Path]:
+    """Output error against keys attended, every mechanism; error bars: IQR over images."""
+    return _panels(over_images(df), "keys_fraction", "output_error", KEYS_AXIS, out, "fidelity_error_keys",
+                   _setting_title(df, "how far each pattern's output is from full attention's, against the keys it attends"),
+                   svg)
 
 
 def runs_on_grid(records: list[dict[str, Any]], height: int, width: int, dim: int, heads: int) -> pd.DataFrame:
@@ -209,26 +263,30 @@ def latency_rows(df: pd.DataFrame, records: list[dict[str, Any]]) -> tuple[pd.Da
     return summary.dropna(subset=["latency_ms"]), missing
 
 
-def plot_mass_vs_latency(df: pd.DataFrame, records: list[dict[str, Any]], out: Path, svg: bool = True) -> list[Path]:
-    """Mass kept against the latency measured on the same grid: what a pattern keeps against what it costs."""
+def _latency_axis(records: list[dict[str, Any]]) -> str:
+    run = records[0]
+    return f"latency (ms, median; {run['device']}, {run['dtype']}, {run['mode']}, batch {run['batch']})"
+
+
+def _measured(df: pd.DataFrame, records: list[dict[str, Any]]) -> tuple[pd.DataFrame, str]:
     summary, missing = latency_rows(df, records)
     if summary.empty:
         raise ValueError("no mechanism of the fidelity run was measured in the results; nothing to plot")
-    kinds = list(dict.fromkeys(summary["weights"]))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(7.5 * len(kinds), 6.2), squeeze=False, layout="constrained")
-    run = records[0]
-    for ax, kind in zip(axes[0], kinds):
-        _draw(ax, summary[summary["weights"] == kind], "latency_ms")
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1.03)
-        ax.set_xlabel(f"latency (ms, median; {run['device']}, {run['dtype']}, {run['mode']}, batch {run['batch']})")
-        ax.set_ylabel("full attention's mass kept")
-        ax.set_title(WEIGHTS_TEXT.get(kind, kind), fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-    _legend(fig, axes)
-    note = f" (not in the results: {', '.join(missing)})" if missing else ""
-    fig.suptitle(_setting_title(df, "what each pattern keeps against what it costs") + note, fontsize=10)
-    return save_figure(fig, out, "fidelity_latency", svg)
+    return summary, f" (not in the results: {', '.join(missing)})" if missing else ""
+
+
+def plot_mass_vs_latency(df: pd.DataFrame, records: list[dict[str, Any]], out: Path, svg: bool = True) -> list[Path]:
+    """Mass kept against the latency measured on the same grid: what a pattern keeps against what it costs."""
+    summary, note = _measured(df, records)
+    return _panels(summary, "latency_ms", "mass_kept", _latency_axis(records), out, "fidelity_latency",
+                   _setting_title(df, "what each pattern keeps against what it costs") + note, svg)
+
+
+def plot_error_vs_latency(df: pd.DataFrame, records: list[dict[str, Any]], out: Path, svg: bool = True) -> list[Path]:
+    """Output error against the latency measured on the same grid, every mechanism."""
+    summary, note = _measured(df, records)
+    return _panels(summary, "latency_ms", "output_error", _latency_axis(records), out, "fidelity_error_latency",
+                   _setting_title(df, "how far each pattern's output moves against what it costs") + note, svg)
 
 
 def _legend(fig, axes) -> None:

@@ -30,6 +30,8 @@ def linear_macs(s: Shape, p: dict) -> int:
 )
 class LinearAttention(AttentionBase):
     output_projection = "proj"
+    projections = {"qkv": "qkv"}  # what bench viz and bench fidelity's content proxy set
+    covers_every_token = True  # every query weighs every key: no share of softmax mass to report
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6) -> None:
         super().__init__(dim, num_heads)
