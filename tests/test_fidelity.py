@@ -368,3 +368,166 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     result = bench("fidelity", "--model", "biformer_t", "--checkpoint", str(ckpt), "--image", str(sample_image_path()),
                    "--resolution", "64", "--out", str(tmp_path / "f"))
     assert result.exit_code == 2 and "does not fit biformer_t" in " ".join(result.output.split())
+
+
+# -- mass kept where it is defined, output error everywhere ---------------------------------
+
+def test_pooled_keys_get_no_mass_kept_and_every_mechanism_an_output_error(tmp_path):
+    """The issue's command: SRA's pooled keys stand for every token, so its mass kept (1 by
+    definition) is left empty and n/a; the window has both figures; both have an output error."""
+    out = tmp_path / "fid"
+    result = bench("fidelity", "-m", "full", "-m", "sra:sr_ratio=4", "-m", "window:window_size=8",
+                   "--image", str(sample_image_path()), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    with (out / "fidelity.csv").open() as f:
+        rows = {r["mechanism"]: r for r in csv.DictReader(f)}
+    sra, window = rows["sra"], rows["window"]
+    assert sra["mass_kept"] == sra["mass_kept_p25"] == sra["mass_kept_p75"] == ""
+    assert 0.05 < float(sra["output_error"]) < 1 and float(sra["keys_fraction"]) == 1.0
+    assert 0 < float(window["mass_kept"]) < 1 and 0.05 < float(window["output_error"]) < 1
+    assert float(rows["full"]["mass_kept"]) == pytest.approx(1.0, abs=1e-12)
+    summary = (out / "summary.md").read_text()
+    assert "| sra:sr_ratio=4 | 100.0% | n/a | n/a | n/a |" in summary
+    assert (out / "fidelity_keys.png").exists() and (out / "fidelity_error_keys.png").exists()
+    assert "n/a" in result.output
+
+
+def test_a_plugin_says_its_keys_cover_every_token():
+    """The linear attention example declares covers_every_token: no mass kept in its row; the
+    rule is the declaration, not the mechanism's name."""
+    settings = fd.Settings(resolution=128, stride=16, dim=16, heads=2)
+    rows = fd.study_image(fd.Study(("linear", "sra:sr_ratio=1"), ("content",), settings), sample_image_path(), "g")
+    linear, sra1 = rows
+    assert linear["mass_kept"] is None and linear["output_error"] > 0.05
+    assert sra1["mass_kept"] == pytest.approx(1.0, abs=1e-12)  # r = 1: full attention, its keys the tokens
+
+
+def test_a_fidelity_csv_with_empty_mass_kept_reads_and_a_bad_number_is_refused(tmp_path):
+    header = ",".join(report.COLUMNS)
+    line = "sra,sr_ratio=4,a.jpg,1.0,1.0,1.0,,,,0.2,0.1,0.3,content,sra:sr_ratio=4,128,16,8,8,16,2,64"
+    (tmp_path / "fidelity.csv").write_text(f"{header}\n{line}\n")
+    summary = report.over_images(report.read(tmp_path))
+    assert math.isnan(summary["mass_kept"].iloc[0]) and summary["output_error"].iloc[0] == pytest.approx(0.2)
+    assert report.mass_row(summary.iloc[0]) == ("n/a", "n/a", "n/a")
+    (tmp_path / "fidelity.csv").write_text(f"{header}\n{line.replace(',0.2,', ',lots,')}\n")
+    with pytest.raises(ValueError, match="line 2: output_error 'lots' is not a number"):
+        report.read(tmp_path)
+
+
+# -- the content proxy, by declaration --------------------------------------------------------
+
+def _separate_qkv_plugin():
+    """Full attention with separate q, k and v Linears (the naming the old proxy half-missed)."""
+    import torch.nn as nn
+
+    from attnbench.attention import AttentionBase, register_attention
+
+    full_map = build_attention("full", 16, 2).attention_map
+
+    @register_attention("separate_qkv", "full attention with separate q, k, v Linears (a test's plugin)", [])
+    class SeparateQKV(AttentionBase):
+        output_projection = "o"
+        projections = {"query": "q", "key": "k", "value": "v"}
+
+        def __init__(self, dim, num_heads):
+            super().__init__(dim, num_heads)
+            self.query, self.key, self.value, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+        def forward(self, x):
+            return self.o(x)  # not measured here
+
+        def token_qkv(self, x):
+            t = x[0].flatten(0, 1)
+            q, k, v = (p(t).unflatten(-1, (self.num_heads, self.head_dim)).transpose(0, 1)
+                       for p in (self.query, self.key, self.value))
+            return q * self.scale, k, v
+
+    return SeparateQKV, full_map
+
+
+def test_a_plugin_with_separate_q_k_v_linears_gets_the_built_ins_proxy(tokens):
+    """Its q, k, v under content weights equal full attention's (one sharpness rule for queries
+    and keys alike), to float64 rounding."""
+    from attnbench.report.content import use_content_weights
+
+    plugin, _ = _separate_qkv_plugin()
+    mine = use_content_weights(plugin(SMALL.dim, SMALL.heads)).double()
+    full = fd.build("full", "content", SMALL)
+    for a, b in zip(mine.token_qkv(tokens), full.token_qkv(tokens)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_every_built_in_gets_one_proxy(tokens):
+    """q = s x, k = s x, v = x per head for every built-in's declared projections, s the one
+    sharpness (2 at 2 heads); SRA's keys and values pass its norm, so only its q is held."""
+    from attnbench.report.content import sharpness
+
+    s = sharpness(SMALL.heads)
+    assert s == pytest.approx(2.0) and sharpness(8) == pytest.approx(4.0)
+    x = tokens[0].flatten(0, 1).view(-1, SMALL.heads, SMALL.dim // SMALL.heads).transpose(0, 1)  # (heads, N, d)
+    scale = (SMALL.dim // SMALL.heads) ** -0.5
+    for spec in ["full", "window:window_size=4", "axial", "dilated:window_size=4,dilation=2", "neighborhood",
+                 "deformable", "sra:sr_ratio=2", "bra:n_win=4,topk=2"]:
+        q, k, v = fd.build(spec, "content", SMALL).token_qkv(tokens)
+        assert torch.allclose(q, s * scale * x, atol=1e-12), spec
+        if not spec.startswith("sra"):
+            assert torch.allclose(k, s * x, atol=1e-12) and torch.allclose(v, x, atol=1e-12), spec
+
+
+def test_a_plugin_without_declared_projections_is_told_what_to_declare(tmp_path):
+    """A plugin with a Linear(dim, heads) gate used to fail inside torch.cat; now content weights
+    name the declaration, and random weights still work."""
+    import torch.nn as nn
+
+    from attnbench.attention import AttentionBase, register_attention
+    from attnbench.report.content import use_content_weights
+
+    @register_attention("gated_test", "a mechanism with a gate Linear and no projections declared (a test's plugin)", [])
+    class Gated(AttentionBase):
+        def __init__(self, dim, num_heads):
+            super().__init__(dim, num_heads)
+            self.qkv, self.gate = nn.Linear(dim, 3 * dim), nn.Linear(dim, num_heads)
+
+        def forward(self, x):
+            return x
+
+        def token_qkv(self, x):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match=r"gated_test does not declare its projections.*projections = \{'qkv': 'qkv'\}"):
+        use_content_weights(Gated(16, 2))
+    with pytest.raises(ValueError, match="gated_test: gated_test does not declare its projections"):
+        fd.check_specs(["gated_test"], SMALL, required=True, content=True)
+    kept, notes = fd.check_specs(["gated_test"], SMALL, required=False, content=True)
+    assert kept == [] and "left out" in notes[0]
+    for wrong in ({"qkv": "qkx"}, {"qkv": [("q", 16), ("k", 16)]}):  # a role that is none; rows that miss 16
+        Gated.projections = wrong
+        with pytest.raises(ValueError, match="gated_test's projection 'qkv' \\(48 output rows\\) is declared as"):
+            use_content_weights(Gated(16, 2))
+    Gated.projections = {"gate_x": "q"}
+    with pytest.raises(ValueError, match="declares projection 'gate_x', which is not one of its modules"):
+        use_content_weights(Gated(16, 2))
+
+
+# -- the stage-3 setting ---------------------------------------------------------------------
+
+def test_the_stage3_setting_and_the_run_preset_are_one_layer():
+    from attnbench.sweep import PRESETS
+
+    s = fd.named_setting("biformer-t-stage3", 512)
+    assert (s.grid, s.dim, s.heads, s.max_queries) == ((64, 64), 256, 8, 512)
+    preset = PRESETS["biformer-t-stage3"]
+    shape = preset.shape()
+    assert preset.resolutions[0] // shape["stride"] == 64 and (shape["dim"], shape["heads"]) == (256, 8)
+    builtin = {i.name for i in list_attentions() if i.cls.__module__.startswith("attnbench.attention.")}
+    assert list(preset.specs) == [spec for spec in fd.default_specs() if spec.split(":")[0] in builtin]
+    assert preset.shape(dim=128)["dim"] == 128
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--setting", "stage9"], "unknown --setting 'stage9'; known: biformer-t-stage3"),
+    (["--setting", "biformer-t-stage3", "--dim", "64"], "--dim: --setting biformer-t-stage3 sets the grid"),
+])
+def test_bad_settings_exit_2(tmp_path, args, words):
+    result = bench("fidelity", *args, "--image", str(sample_image_path()), "--out", str(tmp_path / "f"))
+    assert result.exit_code == 2 and words in result.output, result.output

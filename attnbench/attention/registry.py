@@ -115,8 +115,8 @@ class AttentionInfo:
     baseline: dict[str, Any] = field(default_factory=dict)  # the implementation its speed-ups are against
     reference: bool = False  # at its defaults, the suite's reference (the "vs full" columns)
     demo: dict[str, Any] = field(default_factory=dict)  # legible settings for bench viz
-    source: str = ""
-    check: CheckFn | None = None  # rules on (shape, params) beyond each parameter's range  # where it was registered: a module, a file or a distribution
+    source: str = ""  # where it was registered: a module, a file or a distribution
+    check: CheckFn | None = None  # rules on (shape, params) beyond each parameter's range
 
     def param(self, name: str) -> Param:
         for p in self.params:

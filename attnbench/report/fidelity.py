@@ -169,23 +169,21 @@ def _num(v: float) -> str:
 
 
 def _draw(ax, summary: pd.DataFrame, x: str, y: str = "mass_kept") -> None:
-    """A marker per spec at (x, y), error bars the IQR over images of y; a line through the
-    specs of one mechanism that differ in one parameter."""
+    """A marker per spec at (x, mean of y over images), a bar over y's IQR over images (a
+    skewed spread can leave the mean outside it); a line through the specs of one mechanism
+    that differ in one parameter."""
     colours = plt.get_cmap("tab10").colors
     markers = "osD^vP*Xh<>"
-
-    def bars(frame: pd.DataFrame) -> list:
-        return [frame[y] - frame[f"{y}_lo"], frame[f"{y}_hi"] - frame[y]]
-
     for i, (mech, g) in enumerate(summary.groupby("mechanism", sort=False)):
         colour = colours[i % 10]
         lines, points = _lines(g)
         for label, run in lines:
-            ax.errorbar(run[x], run[y], yerr=bars(run), color=colour, marker=markers[i % 11], ms=5, capsize=2, lw=1.3,
-                        label=label)
+            ax.plot(run[x], run[y], color=colour, marker=markers[i % 11], ms=5, lw=1.3, label=label)
+            ax.vlines(run[x], run[f"{y}_lo"], run[f"{y}_hi"], color=colour, lw=1)
         for j, (_, r) in enumerate(points.iterrows()):
-            ax.errorbar([r[x]], [r[y]], yerr=bars(pd.DataFrame([r])), color=colour, marker=markers[(i + j) % 11],
-                        ms=7, capsize=2, ls="none", mfc="white" if j else colour, label=r["label"])
+            ax.plot([r[x]], [r[y]], color=colour, marker=markers[(i + j) % 11], ms=7, ls="none",
+                    mfc="white" if j else colour, label=r["label"])
+            ax.vlines([r[x]], [r[f"{y}_lo"]], [r[f"{y}_hi"]], color=colour, lw=1)
 
 
 AXES = {
