@@ -1,6 +1,7 @@
 """attnbench: what attention mechanisms for vision transformers cost, and what they attend to.
 
-The zoo's API is importable from here (``from attnbench import AttentionBase,
+A sweep from Python: ``attnbench.run(...)`` (a pandas DataFrame, the folder `bench run`
+writes) and ``attnbench.load(folder)``; bad input raises ``attnbench.UsageError``. The zoo's API is importable from here (``from attnbench import AttentionBase,
 register_attention, Param``), and so are the backbones (``build_model``, ``list_models``);
 they are loaded on first use, so that the torch-free parts
 (result schema, reports, the perf gate) start without importing torch.
@@ -17,7 +18,10 @@ _ZOO = (
     "load_plugins", "parse_spec", "register_attention",
 )
 _BACKBONES = ("build_model", "list_models", "register_model")
-__all__ = list(_ZOO + _BACKBONES)
+_API = ("run", "load")
+__all__ = list(_ZOO + _BACKBONES + _API) + ["UsageError"]
+
+from .errors import UsageError  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:
@@ -25,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from . import attention
 
         return getattr(attention, name)
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
     if name in _BACKBONES:
         from . import backbones
 

@@ -28,7 +28,9 @@ from .report import summary_markdown, summary_rows
 from .report.compare import compare_runs, environment_differences, gate_failed, key_differences, load_results
 from .report.table import COLUMNS
 from .schema import DTYPE_NAMES, machine_of
-from .sweep import PRESETS, ModelPreset, ResultsStore, build_cases, check_writable, preset, result_key
+from .sweep import PRESETS, ModelPreset, ResultsStore, build_cases, check_writable, preset
+from .sweep.loop import Listener, write_reports
+from .sweep.plan import parse_size, resolve_device, split_methods
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="attnbench: what vision attention costs, and what it attends to.")
@@ -36,21 +38,6 @@ DEBUG = False  # bench --debug: let unexpected errors show their traceback
 # piped output (a log, CI) gets room for the results table instead of the default 80 columns,
 # unless COLUMNS says how wide it is
 console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 150)
-
-
-def resolve_device(device: str, executor: Any = None) -> str:
-    """'auto' -> cuda when present, else cpu; 'cuda' -> 'cuda:<current>', so that every CUDA
-    call and every record names its GPU; anything else as given (checked later). On a Ray
-    cluster (``executor``) 'auto' asks the cluster, and 'cuda' stays: each task gets its own GPU."""
-    if executor is not None and executor.name != "local":
-        return executor.default_device() if device == "auto" else device
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and torch.cuda.is_available():
-        return f"cuda:{torch.cuda.current_device()}"
-    return device
 
 
 def fail(message: str) -> None:
@@ -145,46 +132,6 @@ def list_command(plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_
     console.print(models)
 
 
-def split_methods(values: list[str]) -> list[str]:
-    """Method specs from repeated or comma-joined options: in "full,window:window_size=8,shift=4"
-    a piece with '=' and no ':' belongs to the spec before it."""
-    specs: list[str] = []
-    for value in values:
-        for piece in filter(None, (p.strip() for p in re.split(r"[,;\s]+", value))):
-            if "=" in piece and ":" not in piece:
-                if not specs:
-                    raise ValueError(f"'{piece}' in --methods names no mechanism; write NAME:{piece}")
-                specs[-1] += ("," if ":" in specs[-1] else ":") + piece
-            else:
-                specs.append(piece)
-    if not specs:
-        raise ValueError("--methods is empty; give at least one mechanism")
-    from .attention import parse_spec
-
-    for spec in specs:
-        parse_spec(spec)
-    return specs
-
-
-_UNITS = {"": 2**30, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
-def parse_size(text: str, device: str) -> int:
-    """'8GiB', '500M', '16' (GiB) or '50%' (of the memory free now) -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[a-zA-Z]*)\s*", text)
-    if not m or (m.group(2) != "%" and m.group(2).lower() not in _UNITS):
-        raise ValueError(f"--mem-limit '{text}' is not a size; use e.g. 8GiB, 500MB, 16 (GiB) or 50% (of free memory)")
-    value, unit = float(m.group(1)), m.group(2)
-    if unit == "%":
-        if not 0 < value <= 100:
-            raise ValueError(f"--mem-limit {text} must be a percentage in (0, 100]")
-        from .measure.isolate import available_memory_bytes
-
-        return int(available_memory_bytes(device) * value / 100)
-    return int(value * _UNITS[unit.lower()])
-
-
 # the columns that fit 80 characters, with short headers; summary.md always has them all
 NARROW = {"mechanism": "mechanism", "GMACs": "GMACs", "latency ms (median ± IQR)": "ms (median±IQR)",
           "peak MiB": "MiB", "speed-up vs full": "vs full", "status": "status"}
@@ -235,28 +182,6 @@ def stopped_by(received: list[str]) -> tuple[str, int]:
     return name, 128 + getattr(signal, name).value
 
 
-def write_reports(store: ResultsStore) -> list[Path]:
-    records = store.records()
-    env = json.loads(store.env_path.read_text()) if store.env_path.exists() else None
-    if store.models:
-        from .report import backbones
-
-        summary = backbones.summary_markdown(records, env, model_references())
-        (store.folder / "summary.md").write_text(summary)
-        return [store.folder / "summary.md"] + backbones.plot_all(records, store.folder, (env or {}).get("gemm_gflops"))
-    from .report.plots import plot_all
-
-    (store.folder / "summary.md").write_text(summary_markdown(records, env))
-    return [store.folder / "summary.md"] + plot_all(records, store.folder)
-
-
-def model_references() -> dict[str, tuple[int | None, int | None, str]]:
-    """Each registered model's reference parameters and MACs at 224, for the reports."""
-    from .backbones import list_models
-
-    return {m.name: (m.params, m.macs_224, m.reference) for m in list_models()}
-
-
 def _case_name(case: Any) -> str:
     if hasattr(case, "spec"):
         return f"{case.spec} @ {case.resolution}px" if not case.image_width else \
@@ -278,23 +203,55 @@ def _models_table(records: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
-def default_folder(device: str, resolutions: tuple[int | str, ...], resume: bool, suffix: str = "") -> Path:
-    """results/<date>-<device>-r<resolutions> (or -<suffix>, e.g. -backbones); a new run takes
-    the next free name (-2, -3, ...) instead of touching an earlier run's folder, a resumed run
-    the latest one."""
-    tail = suffix or f"r{'-'.join(map(str, resolutions))}"
-    base = Path("results") / f"{time.strftime('%Y-%m-%d')}-{device.replace(':', '')}-{tail}"
-    candidates = [base] + [base.with_name(f"{base.name}-{n}") for n in range(2, 1000)]
-    taken = [c for c in candidates if ResultsStore(c).exists()]
-    if resume:
-        return taken[-1] if taken else base
-    for c in candidates:  # claimed by making it: of two runs started together, each gets its own
-        try:
-            c.mkdir(parents=True)
-            return c
-        except FileExistsError:
-            continue
-    raise ValueError(f"no free results folder beside {base}; give --out")
+class _Progress(Listener):
+    """bench run's console: notes, the calibration, a progress bar, a line per failed case."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.todo = self.finished = 0
+        self.folder: Path | None = None
+        self.written: list[Path] = []
+
+    def note(self, text: str) -> None:
+        console.print(f"[yellow]note:[/] {escape(text)}")
+
+    def calibrating(self, where: str) -> None:
+        console.print(f"calibrating: dense GEMM {where} ...")
+
+    def started(self, todo, total, folder, nodes, local) -> None:
+        from .measure.case import case_key
+        from .measure.model import model_case_key
+
+        self.todo, self.folder = len(todo), folder
+        self.names = {(case_key(c) if hasattr(c, "spec") else model_case_key(c)): _case_name(c) for c in todo}
+        rates = ", ".join(f"{n['host']}: {n['device_name']}, GEMM {n['gemm_gflops']:.0f} GFLOP/s, {n['threads']} threads"
+                          for n in nodes)
+        console.print(f"{total} cases ({total - len(todo)} already done) -> {folder}  [{rates}]")
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+        self.bar.start()
+        self.task = self.bar.add_task("starting" if local else f"on {len(nodes)} Ray node(s)", total=len(todo))
+
+    def case_started(self, case) -> None:
+        self.bar.update(self.task, description=_case_name(case))
+
+    def result(self, result) -> None:
+        self.finished += 1
+        if result.status != "ok":
+            why = result.error.splitlines()[0] if result.error else ""
+            from .sweep.store import result_key
+
+            name = self.names.get(result_key(result), result.label)
+            self.bar.console.print(f"  {escape(name)}: [yellow]{result.status}[/] {escape(why)}")
+        self.bar.advance(self.task)
+
+    def reports(self, files) -> None:
+        self.written = files
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 @app.command("run")
@@ -328,269 +285,38 @@ def run_command(
 ) -> None:
     """Measure every mechanism of a preset (or --methods) at each resolution, or whole networks
     (--model, --preset backbones) at each --size; write results, a table and plots."""
-    from .measure import check_case
+    from . import api
 
-    plugins = load_plugin_options(plugin)
-    runner = open_executor(executor, ray_address)
-    if model or isinstance(PRESETS.get(preset_name), ModelPreset):
-        return _run_models(model, size, preset_name, batch, dtype, mode, device, mem_limit, timeout, budget, compile_,
-                           threads, repeat, out, resume, retry_failed, force, plugins, runner, given_layer_options=dict(
-                               resolution=resolution, methods=methods, stride=stride is not None, dim=dim is not None, heads=heads is not None),
-                           tf32=tf32)
-    batch = 1 if batch is None else batch
-    try:
-        if retry_failed and not resume:
-            raise ValueError("--retry-failed needs --resume: it measures a run's failed cases again")
-        chosen = preset(preset_name)
-        specs = split_methods(methods) if methods else None
-        device = resolve_device(device, runner)
-        sizes = [parse_image_size(s) for s in size or []]
-        resolutions = tuple(resolution) if resolution else (() if sizes else (chosen.resolutions or (1024,)))
-        threads = chosen.threads if threads is None else threads
-        repeat = chosen.repeat if repeat is None else repeat
-        if repeat < 1:
-            raise ValueError(f"--repeat {repeat} must be >= 1")
-        fields = dict(**chosen.shape(stride=stride, dim=dim, heads=heads), batch=batch, dtype=dtype, mode=mode,
-                      device=device, compile=compile_, threads=threads)
-        cases = build_cases(specs or chosen.specs, resolutions + tuple(sizes), **fields)
-        for case in cases:
-            check_case(case, here=runner.name == "local")  # mechanism, device and dtype, mode, resolution against the stride
-        bound = parse_size(mem_limit, device) if mem_limit else None
-        for name, value in (("--timeout", timeout), ("--budget", budget), ("--mem-limit", bound)):
-            if value is not None and value <= 0:  # every case would be recorded timeout or oom, and kept
-                raise ValueError(f"{name} {mem_limit if name == '--mem-limit' else value} must be more than 0")
-    except ValueError as exc:
-        fail(str(exc))
-
-    from .attention import canonical
-    from .attention.plugins import provenance
-
-    folder = out or default_folder(device, resolutions + tuple(f"{h}x{w}" for h, w in sizes), resume)
-    store = ResultsStore(folder)
-    config = {"preset": None if specs else chosen.name, "methods": specs, "resolutions": list(resolutions), **fields,
-              "mechanisms": provenance(canonical(c.spec).name for c in cases)}  # --resume refuses changed code or defaults
-    if sizes:
-        config["sizes"] = sorted(f"{h}x{w}" for h, w in sizes)
-    if repeat > 1:
-        config["repeat"] = repeat
-    if tf32:  # only when given: a folder from before the option resumes as it was
-        config["tf32"] = True
-    _run_in(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed, runner)
-
-
-def parse_image_size(text: str) -> tuple[int, int]:
-    """'800x1280' -> (800, 1280); '224' -> (224, 224)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", text)
-    if not m:
-        raise ValueError(f"--size '{text}' is not HxW in pixels; e.g. 224x224 or 800x1280")
-    height = int(m.group(1))
-    return height, int(m.group(2) or height)
-
-
-def _run_models(models, sizes, preset_name, batch, dtype, mode, device, mem_limit, timeout, budget, compile_, threads,
-                repeat, out, resume, retry_failed, force, plugins, runner, given_layer_options, tf32=False) -> None:
-    """bench run for whole networks: --model at each --size, or a model preset."""
-    from .measure.model import check_model_builds, check_model_case
-    from .sweep import build_model_cases
-
-    try:
-        wrong = [f"--{k}" for k, v in given_layer_options.items() if v]
-        if wrong:
-            raise ValueError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for layer cases; a model run takes "
-                             "--model (or a model preset) with --size HxW and --batch")
-        chosen = preset(preset_name)
-        if models and isinstance(chosen, ModelPreset) and preset_name != "default":
-            raise ValueError(f"--model replaces the preset's models; give --model or --preset {preset_name}, not both")
-        device = resolve_device(device, runner)
-        image_sizes = [parse_image_size(s) for s in sizes] if sizes else [(224, 224)]
-        if models:
-            entries = [(m, h, w, batch or 1) for m in models for h, w in image_sizes]
-        else:
-            if sizes:
-                raise ValueError(f"--size replaces nothing in the preset {preset_name} (each of its models has its "
-                                 "sizes); give --model with --size")
-            on_gpu = device.startswith("cuda")
-            entries = [(m, h, w, batch or b) for m, h, w, b in chosen.models + (chosen.gpu_models if on_gpu else ())]
-            if chosen.gpu_models and not on_gpu:
-                console.print("left to a GPU run: " + ", ".join(f"{m} at {h}x{w}" for m, h, w, _ in chosen.gpu_models))
-        threads = (0 if models else chosen.threads) if threads is None else threads
-        repeat = (1 if models else chosen.repeat) if repeat is None else repeat
-        if repeat < 1:
-            raise ValueError(f"--repeat {repeat} must be >= 1")
-        fields = dict(dtype=dtype, mode=mode, device=device, compile=compile_, threads=threads)
-        cases = build_model_cases(entries, **fields)
-        for case in cases:
-            check_model_case(case, here=runner.name == "local", build=False)
-        bound = parse_size(mem_limit, device) if mem_limit else None
-        for name, value in (("--timeout", timeout), ("--budget", budget), ("--mem-limit", bound)):
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} {mem_limit if name == '--mem-limit' else value} must be more than 0")
-    except ValueError as exc:
-        fail(str(exc))
-    # the networks' constructors (an stl:SPEC's mechanism may be a plugin's) run in a bounded process
-    bounded(check_model_builds, (cases,), "checking the networks", bound_or_default(mem_limit, timeout, "cpu"), timeout)
-
-    folder = out or default_folder(device, (), resume, suffix="models" if models else preset_name)
-    store = ResultsStore(folder, models=True)
-    config = {"preset": None if models else chosen.name, "models": sorted({c.label for c in cases}) if models else None,
-              "sizes": sorted({f"{c.height}x{c.width}" for c in cases}) if models else None,
-              "batch": batch, **fields}
-    if repeat > 1:
-        config["repeat"] = repeat
-    if tf32:
-        config["tf32"] = True
-    _run_in(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed, runner)
-
-
-def open_executor(name: str, address: str | None) -> Any:
-    """The executor for --executor/--ray-address (a Ray cluster is connected here), or exit 2."""
-    from .executors import make_executor
-
-    try:
-        return make_executor(name, address)
-    except ValueError as exc:
-        fail(str(exc))
-
-
-def _run_in(store: ResultsStore, config: dict[str, Any], cases: list, bound: int | None, timeout: float, budget: float,
-            plugins: list[str], force: bool, resume: bool, retry_failed: bool, runner: Any) -> None:
-    """Hold the results folder (one writer at a time; --out checked before any work) and run the cases into it."""
-    if plugins:
-        config["plugins"] = plugins
-    writing = ExitStack()
-    try:
-        writing.enter_context(store.writer())
-        other = ResultsStore(store.folder, models=not store.models)
-        foreign = store.foreign_files()
-        if other.jsonl.exists():
-            raise ValueError(f"{store.folder} holds another kind of run ({other.jsonl.name}); give an empty or new --out")
-        if store.csv.exists() and not store.jsonl.exists():  # the csv would be rewritten from nothing
-            raise ValueError(f"{store.folder} holds {store.csv.name} but no {store.jsonl.name} (the records bench "
-                             f"resumes from); it is not overwritten: give a new --out, or restore {store.jsonl.name}")
-        if foreign and not store.exists():
-            names = ", ".join(p.name for p in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise ValueError(f"{store.folder} holds files bench did not write ({names}); give an empty or new --out")
-    except ValueError as exc:
-        writing.close()
-        runner.close()
-        fail(str(exc))
-    with interrupts_as_keyboard_interrupt() as received, writing:  # the lock goes however the run ends
-        try:
-            _run_cases(store, config, cases, bound, timeout, budget, plugins, force, resume, retry_failed, runner)
-        except KeyboardInterrupt:  # outside the case loop (calibrating, writing the reports): nothing half-written
-            name, code = stopped_by(received)
-            console.print(f"[yellow]interrupted ({name})[/]: every finished case is kept in {store.jsonl}")
-            raise typer.Exit(code) from None
-        finally:
-            runner.close()
-
-
-def config_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
-    """The options in which two runs' configurations differ, named; the order of --methods
-    and the way a spec is written (full, full:impl=sdpa) do not count."""
-    from .attention import canonical
-
-    def methods(c: dict[str, Any]) -> Any:
-        specs = c.get("methods")
-        return None if specs is None else sorted({(m.name, m.params_text) for m in map(canonical, specs)})
-
-    from .attention.plugins import provenance_changes
-
-    old = old or {}
-    out = provenance_changes(old.get("mechanisms", {}), new.get("mechanisms", {}))  # absent in older runs
-    for key in sorted((set(old) | set(new)) - {"mechanisms"}):
-        a, b = (methods(old), methods(new)) if key == "methods" else (old.get(key), new.get(key))
-        if key == "resolutions":
-            a, b = sorted(a or []), sorted(b or [])
-        if a != b:
-            out.append(f"{key} {old.get(key)} there, {new.get(key)} now")
-    return out
-
-
-def _run_cases(store: ResultsStore, config: dict[str, Any], cases: list, bound: int | None, timeout: float,
-               budget: float, plugins: list[str], force: bool, resume: bool, retry_failed: bool, runner: Any) -> None:
-    """bench run, once it holds the folder: set earlier results aside or resume them, calibrate
-    each machine, measure each case not done yet through the executor, write the reports."""
-    from .executors import Settings, combined_environment
-    from .measure.case import case_key
-    from .measure.model import model_case_key
-
-    folder, repeat = store.folder, config.get("repeat", 1)
-    device, dtype, mode = config["device"], config["dtype"], config["mode"]
-    earlier_nodes: list[dict[str, Any]] = []
-    if store.exists():
-        old = store.config()
-        if force:
-            aside = store.set_aside()
-            console.print(f"earlier results moved to {aside}")
-        elif not resume:
-            what = "results of another configuration" if config_differences(old, config) else "results"
-            fail(f"{folder} already holds {what}; use --resume to continue that run or --force to set them aside")
-        elif old is not None and config_differences(old, config):
-            fail(f"{folder} holds a run with other options ({'; '.join(config_differences(old, config))}); "
-                 "--resume needs the same options, or use --out elsewhere")
-        if resume and store.env_path.exists():
-            earlier = json.loads(store.env_path.read_text())
-            earlier_nodes = earlier.get("nodes", [earlier])
-
-    try:
-        if resume:
-            for n, _, why in store.set_aside_rejected():
-                console.print(f"[yellow]set aside[/] line {n} into {store.rejected_path.name} (its case is measured "
-                              f"again): {escape(why)}")
-        done = store.done() if resume else set()
-        if resume and retry_failed:
-            retried = store.set_aside_failed()
-            if retried:
-                console.print(f"measuring {len(retried)} failed cases again (their records: {store.retried_path})")
-                done -= {result_key(r) for r in retried}
-    except ValueError as exc:
-        fail(str(exc))
-
-    settings = Settings(device=device, dtype=dtype, threads=config["threads"], mem_limit_bytes=bound, timeout_s=timeout,
-                        budget_s=budget, plugins=tuple(plugins), repeat=repeat, tf32=config.get("tf32", False))
-    where = "this machine" if runner.name == "local" else "each node of the Ray cluster"
-    console.print(f"calibrating: dense GEMM in {dtype} on {where} ...")
-    try:
-        nodes = runner.calibrate(settings)
-    except ValueError as exc:
-        fail(str(exc))
-    seen = {machine_of(n) for n in nodes}
-    env = combined_environment(nodes + [n for n in earlier_nodes if machine_of(n) not in seen], runner.name)
-    store.start(config, env)
-    key = model_case_key if store.models else case_key
-    todo = [c for c in cases if key(c) not in done]
-    rates = ", ".join(f"{n['host']}: {n['device_name']}, GEMM {n['gemm_gflops']:.0f} GFLOP/s, {n['threads']} threads"
-                      for n in nodes)
-    console.print(f"{len(cases)} cases ({len(cases) - len(todo)} already done) -> {folder}  [{rates}]")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    finished = 0
+    progress = _Progress()
     with interrupts_as_keyboard_interrupt() as received:
         try:
-            with Progress(*columns, console=console, transient=False) as progress:
-                task = progress.add_task("starting", total=len(todo))
-                names = {key(c): _case_name(c) for c in todo}
-                started = (lambda c: progress.update(task, description=_case_name(c))) if runner.name == "local" else None
-                if started is None:
-                    progress.update(task, description=f"on {len(nodes)} Ray node(s)")
-                for result in runner.run(todo, started):
-                    store.append(result)
-                    finished += 1
-                    if result.status != "ok":
-                        name = names.get(result_key(result), result.label)
-                        progress.console.print(f"  {escape(name)}: [yellow]{result.status}[/] {escape(result.error.splitlines()[0] if result.error else '')}")
-                    progress.advance(task)
-        except KeyboardInterrupt:  # running cases' processes are killed on the way out (runner.close in _run_in)
-            name, code = stopped_by(received)
-            console.print(f"[yellow]interrupted ({name})[/]: {finished} of {len(todo)} cases finished and kept in "
-                          f"{store.jsonl}; continue with the same command plus --resume --out {shlex.quote(str(folder))}")
-            raise typer.Exit(code) from None
-    written = write_reports(store)
+            df = api.run(methods, resolution, size, model, preset_name, stride=stride, dim=dim, heads=heads,
+                         batch=batch, dtype=dtype, mode=mode, device=device, threads=threads, repeat=repeat,
+                         mem_limit=mem_limit, timeout=timeout, budget=budget, compile=compile_, tf32=tf32,
+                         executor=executor, ray_address=ray_address, plugins=plugin or [], out=out, resume=resume,
+                         retry_failed=retry_failed, force=force, listener=progress)
+        except ValueError as exc:
+            progress.stop()
+            fail(str(exc))
+        except KeyboardInterrupt:  # the running cases' processes are killed and the lock released on the way out
+            progress.stop()
+            _interrupted(progress, received)
+        progress.stop()
+    store = ResultsStore(progress.folder, models=not ResultsStore(progress.folder).jsonl.exists())
     table = _models_table if store.models else _results_table
-    console.print(table(store.records(), f"{folder} ({device}, {dtype}, {mode})"))
-    console.print("wrote " + ", ".join(p.name for p in [store.jsonl, store.csv, store.env_path, *written]))
+    console.print(table(store.records(), f"{store.folder} ({df['device'].iloc[0] if len(df) else device}, {dtype}, {mode})"))
+    console.print("wrote " + ", ".join(p.name for p in [store.jsonl, store.csv, store.env_path, *progress.written]))
 
 
+def _interrupted(progress: _Progress, received: list[str]) -> None:
+    name, code = stopped_by(received)
+    if progress.folder is None:  # outside the case loop (checking, calibrating): nothing half-written
+        console.print(f"[yellow]interrupted ({name})[/]: no case was measured")
+    else:
+        console.print(f"[yellow]interrupted ({name})[/]: {progress.finished} of {progress.todo} cases finished and kept "
+                      f"in {progress.folder}; continue with the same command plus --resume --out "
+                      f"{shlex.quote(str(progress.folder))}")
+    raise typer.Exit(code)
 @app.command("plot")
 def plot_command(results: Path = typer.Argument(..., help="a results folder written by bench run")) -> None:
     """Regenerate summary.md and the plots of a results folder from its results.jsonl (or
@@ -803,21 +529,18 @@ def bound_or_default(mem_limit: str | None, timeout: float, device: str = "cpu")
 
 
 def bounded(fn: Any, args: tuple, what: str, bound: int, timeout: float, device: str = "cpu") -> Any:
-    """``fn(*args)`` in a bounded, timed process (mechanism code never runs in bench's own) that
-    loads every plugin this one has; its value, or exit 2 for a ValueError it raised (bad input,
-    named) and exit 1 for anything else (a mechanism's failure, named, or out of memory or time)."""
-    from .attention.plugins import loaded_plugins
-    from .measure.isolate import call_isolated
+    """``fn(*args)`` in a bounded, timed process (see :func:`measure.isolate.bounded_value`);
+    exit 2 for bad input it names, exit 1 for a mechanism's failure."""
+    from .errors import BoundedCallFailed
+    from .measure.isolate import bounded_value
 
-    got = call_isolated(fn, args, device=device, mem_limit_bytes=bound, timeout_s=timeout,
-                        plugins=tuple(loaded_plugins()))
-    if got.status == "ok":
-        return got.value
-    first = got.message.splitlines()[0] if got.message else ""
-    if got.status == "error" and first.startswith("ValueError: "):
-        fail(first.removeprefix("ValueError: "))
-    console.print(f"[bold red]error:[/] {what}: {got.status}: {escape(first.removeprefix('MechanismFailed: '))}")
-    raise typer.Exit(1)
+    try:
+        return bounded_value(fn, args, what, bound, timeout, device)
+    except ValueError as exc:
+        fail(str(exc))
+    except BoundedCallFailed as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
 
 
 @app.command("fidelity")
@@ -1030,17 +753,6 @@ def profile_command(
     console.print(table)
 
 
-def _invoke(command, **given: Any) -> None:
-    """Call a command function with its own defaults for what ``given`` leaves out."""
-    import inspect
-
-    params = {}
-    for name, p in inspect.signature(command).parameters.items():
-        default = p.default.default if isinstance(p.default, typer.models.ParameterInfo) else p.default
-        params[name] = given.get(name, default)
-    command(**params)
-
-
 @app.command("gpu-check")
 def gpu_check_command(
     out: Path = typer.Option(..., help="a new folder for the check's runs and checks.md (an existing one is refused)"),
@@ -1083,6 +795,9 @@ def gpu_check_command(
         _gpu_check_peaks(checks, resolutions[0], device, timeout, bound)
     except _StopCheck:
         pass
+    except ValueError as exc:  # bad input a run refused (its checks.md still written below)
+        checks.write(finished=True)
+        fail(str(exc))
     finally:
         checks.write(finished=True)
     console.print(checks.text(finished=True))
@@ -1103,8 +818,14 @@ def _gpu_check_run(checks: Any, sub: Path, resolutions: list[int], dtype: str, m
     from .report.plots import crossovers
     from .report.table import frame, number
 
-    _invoke(run_command, resolution=resolutions, dtype=dtype, mode=mode, device=device, methods=gc.METHODS,
-            budget=budget, timeout=timeout, out=sub, mem_limit=f"{bound}b")
+    from . import api
+
+    progress = _Progress()
+    try:
+        api.run(gc.METHODS, resolutions, dtype=dtype, mode=mode, device=device, budget=budget, timeout=timeout, out=sub,
+                mem_limit=bound, listener=progress)
+    finally:
+        progress.stop()
     records = ResultsStore(sub).records()
     estimates = {(r["label"], r["resolution"]): estimate_peak_bytes(Case(r["label"], r["resolution"], dtype=dtype,
                                                                          mode=mode, device=device)) for r in records}

@@ -7,7 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attnbench.cli import app, split_methods
+from attnbench.cli import app
+from attnbench.sweep.plan import split_methods
 from attnbench.measure import RESULT_COLUMNS
 from attnbench.sweep import PRESETS, ResultsStore, build_cases
 
@@ -196,7 +197,7 @@ def test_profile_bad_spec_exits_2():
 
 
 def test_default_folder_never_reuses_an_earlier_run(tmp_path, monkeypatch):
-    from attnbench.cli import default_folder
+    from attnbench.sweep.plan import default_folder
 
     monkeypatch.chdir(tmp_path)
     first = default_folder("cpu", (64,), resume=False)

@@ -368,7 +368,7 @@ def test_an_unwritable_folder_is_refused_before_any_work(command):
 def test_two_runs_started_together_take_two_default_folders(tmp_path, monkeypatch):
     """The second was refused (the first's lock) instead of taking -2: the name was free until
     the first wrote into it."""
-    from attnbench.cli import default_folder
+    from attnbench.sweep.plan import default_folder
 
     monkeypatch.chdir(tmp_path)
     first, second = default_folder("cpu", (64,), resume=False), default_folder("cpu", (64,), resume=False)

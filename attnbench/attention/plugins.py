@@ -8,11 +8,15 @@ imported; nothing else is asked of it.
   importable module. The measuring children load the same plugins (see
   :mod:`attnbench.measure.isolate`).
 
+- A mechanism registered in ``__main__`` (a notebook) cannot be imported by another process:
+  :func:`by_value` makes a key that carries it, pickled, and loading that key registers it.
+
 Loading is idempotent: a plugin already loaded in this process is not loaded again.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib
 import importlib.util
@@ -68,8 +72,40 @@ def _module_name_for(path: Path) -> str:
     return f"attnbench_plugin_{stem}_{digest}"
 
 
+BY_VALUE = "by value: "  # a plugin key that carries its mechanisms, pickled, instead of naming where they are
+
+
+def by_value(names: Iterable[str]) -> list[str]:
+    """Plugin keys for the named mechanisms that another process cannot import by name: those
+    defined in ``__main__`` (a notebook cell, ``python -c``, a script on standard input). Each
+    key carries the registration (class, closed forms, rules) pickled by value with
+    cloudpickle, so the measuring processes register the very same mechanism."""
+    from .registry import attention_info
+
+    keys = []
+    for name in sorted(set(names)):
+        info = attention_info(name)
+        if info.cls.__module__ != "__main__":
+            continue
+        import cloudpickle
+
+        keys.append(BY_VALUE + base64.b64encode(cloudpickle.dumps(info)).decode("ascii"))
+    return keys
+
+
+def _register_by_value(key: str) -> None:
+    import pickle
+
+    from .registry import _REGISTRY
+
+    info = pickle.loads(base64.b64decode(key[len(BY_VALUE):]))  # cloudpickle's output loads with pickle
+    _REGISTRY[info.name] = info
+
+
 def plugin_key(plugin: str) -> str:
     """How a plugin is named in a run's configuration: a file by its absolute path, a module by its name."""
+    if plugin.startswith(BY_VALUE):
+        return plugin
     path = Path(plugin).expanduser()
     if plugin.endswith(".py") or path.is_file():
         return str(path.resolve())
@@ -81,6 +117,10 @@ def load_plugin(plugin: str) -> None:
     load_entry_points()  # installed plugins first, so a clash names both sides
     key = plugin_key(plugin)
     if key in _loaded:
+        return
+    if key.startswith(BY_VALUE):
+        _register_by_value(key)
+        _loaded[key] = "__main__"
         return
     path = Path(key)
     if path.suffix == ".py" or path.is_absolute():
@@ -109,8 +149,8 @@ def load_plugin(plugin: str) -> None:
 
 def loaded_plugins() -> list[str]:
     """The keys of the files and modules loaded in this process so far (installed entry points
-    aside: every process loads those by itself), for a process that must register the same."""
-    return [key for key in _loaded if not key.startswith("entry point ")]
+    and mechanisms sent by value aside), for a process that must register the same."""
+    return [key for key in _loaded if not key.startswith(("entry point ", BY_VALUE))]
 
 
 def load_plugins(plugins: Iterable[str]) -> list[str]:
@@ -158,7 +198,9 @@ def provenance(names: Iterable[str]) -> dict[str, dict]:
         entry: dict = {"defaults": info.defaults()}
         module = sys.modules.get(info.cls.__module__)
         top = info.cls.__module__.partition(".")[0]
-        if top != "attnbench":
+        if info.cls.__module__ == "__main__":
+            entry["source"] = "__main__ (sent to the case processes by value)"
+        elif top != "attnbench":
             path = getattr(module, "__file__", None)
             if path:
                 entry["file"] = str(Path(path).resolve())

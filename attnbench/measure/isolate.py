@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import sys
 import select
 import signal
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from types import ModuleType
 
@@ -147,6 +149,24 @@ def failed_result(case: Case | ModelCase, status: str, error: str) -> Result | M
 _CONTEXT: Any = None
 
 
+@contextmanager
+def _main_left_alone() -> Iterator[None]:
+    """Start a process as if from a notebook: multiprocessing would run the caller's script
+    (``__main__``) again in the child to find functions defined there, which a script on
+    standard input cannot be (its path is '<stdin>') and a script without a main guard must not
+    be (it would start its sweep again in every case). Nothing the child runs lives there:
+    mechanisms defined in ``__main__`` travel by value (attention.plugins.by_value)."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    for key in saved:
+        setattr(main, key, None) if key == "__spec__" else delattr(main, key)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(main, key, value)
+
+
 def _context(plugins: tuple[str, ...]):
     """A forkserver that has imported torch, attnbench and the plugins once, so each case starts fast."""
     global _CONTEXT
@@ -260,7 +280,8 @@ def call_isolated(fn: Callable[..., Any], args: tuple = (), *, device: str = "cp
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, fn, args, device, mem_limit, tuple(plugins), os.getpid(), tuple(cpus),
                                             tf32), daemon=True)
-    proc.start()
+    with _main_left_alone():
+        proc.start()
     child.close()
     try:
         if _wait(parent, timeout_s):
@@ -288,3 +309,23 @@ def call_isolated(fn: Callable[..., Any], args: tuple = (), *, device: str = "cp
         except (ProcessLookupError, PermissionError):
             pass
         parent.close()
+
+
+def bounded_value(fn: Callable[..., Any], args: tuple, what: str, bound: int, timeout: float,
+                  device: str = "cpu") -> Any:
+    """``fn(*args)`` in a bounded, timed process that loads every plugin this one has (mechanism
+    code never runs in the caller's): its value; a UsageError for a ValueError it raised (bad
+    input, named), BoundedCallFailed for anything else (a mechanism's failure, out of memory
+    or time), the message starting with ``what``."""
+    from ..attention.plugins import loaded_plugins
+    from ..errors import BoundedCallFailed, UsageError
+
+    got = call_isolated(fn, args, device=device, mem_limit_bytes=bound, timeout_s=timeout,
+                        plugins=tuple(loaded_plugins()))
+    if got.status == "ok":
+        return got.value
+    first = got.message.splitlines()[0] if got.message else ""
+    if got.status == "error" and first.startswith(("ValueError: ", "UsageError: ")):
+        raise UsageError(first.partition(": ")[2])
+    raise BoundedCallFailed(f"{what}: {got.status}: {first.removeprefix('MechanismFailed: ')}")
+
