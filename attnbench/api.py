@@ -11,13 +11,12 @@ case processes by value.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from .errors import UsageError
+from .errors import UsageError, usage_errors
 from .schema import MODEL_COLUMNS, RESULT_COLUMNS
 from .sweep.loop import Listener, run_plan
 from .sweep.plan import Plan
@@ -67,17 +66,6 @@ def run(methods: Sequence[str] | None = None, resolutions: Sequence[int] | None 
     with usage_errors():
         store = run_plan(plan, runner, listener)
     return frame_of(store)
-
-
-@contextmanager
-def usage_errors() -> Iterator[None]:
-    """The ValueErrors the zoo, the store and the checks raise for bad input, as UsageError."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
 
 
 def frame_of(store: ResultsStore) -> pd.DataFrame:

@@ -25,6 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .report import summary_markdown, summary_rows
+from .errors import BoundedCallFailed
+from .fidelity.study import write_reports as write_fidelity_reports
 from .report.compare import compare_runs, environment_differences, gate_failed, key_differences, load_results
 from .report.table import COLUMNS
 from .schema import DTYPE_NAMES, machine_of
@@ -568,98 +570,30 @@ def fidelity_command(
     plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_HELP),
 ) -> None:
     """How much of full attention's mass each pattern keeps, and how far its output moves, over real images."""
-    import csv
-
-    import torch
-
-    from dataclasses import replace
-
-    from . import fidelity as fd
-    from .measure.env import cpu_model, git_commit
-    from .report import fidelity as report
-    from .report.content import image_size, images_in, sample_images
-    from .report.viz import load_checkpoint, read_state_dict
+    from .fidelity import StudyRequest, run_study
 
     load_plugin_options(plugin)
-    try:
-        bound = bound_or_default(mem_limit, timeout)
-        if model is not None and checkpoint:
-            read_state_dict(checkpoint)  # an unreadable file fails here; the bounded processes read it again
-        if model is not None:
-            given = [f"--{name}" for name, value in (("stride", stride), ("dim", dim), ("heads", heads)) if value is not None]
-            if given or setting:
-                raise ValueError(f"{', '.join(given + (['--setting'] if setting else []))}: with --model the stage sets "
-                                 "the token grid, channels and heads")
-    except ValueError as exc:
-        fail(str(exc))
-    if model is not None:  # the backbone is built in a bounded process too
-        stride, dim, heads = bounded(fd.network_shape, (model, stage, str(checkpoint) if checkpoint else None),
-                                     "bench fidelity", bound, timeout)
-        resolution = resolution or 224
-    try:
-        if setting:
-            settings = fd.named_setting(setting, queries, resolution=resolution, stride=stride, dim=dim, heads=heads)
-        else:
-            settings = fd.Settings(resolution or 512, stride or 16, dim or 64, heads or 2, queries)
-        settings.check()
-        kinds = list(dict.fromkeys(weights or ([] if checkpoint or model else ["content"])))
-        for kind in kinds:
-            if kind not in fd.WEIGHT_KINDS:
-                raise ValueError(f"unknown --weights '{kind}'; use {' or '.join(fd.WEIGHT_KINDS)}")
-        if images not in (None, "sample"):
-            raise ValueError(f"unknown --images '{images}'; the one set is 'sample' (use --image for your own files)")
-        paths = [p for given in image or [] for p in images_in(given)]
-        if images == "sample" or not image:
-            paths += sample_images()
-        if not paths:
-            raise ValueError("no images; give --image FILE_OR_FOLDER or --images sample")
-        for path in paths:
-            image_size(path, None)  # an unreadable file fails here, before any work
-        if out is None:
-            out = next(f for f in [Path("results/fidelity")] + [Path(f"results/fidelity-{n}") for n in range(2, 10_000)]
-                       if not (f / "fidelity.csv").exists())
-        elif (out / "fidelity.csv").exists() and not force:
-            raise ValueError(f"{out / 'fidelity.csv'} exists; use --force to replace it, or another --out")
-        check_writable(out)
-        if model is not None:
-            kinds.append("network")
-        elif checkpoint:
-            load_checkpoint(checkpoint)  # a file that is no checkpoint fails here, before any work
-            kinds.append("checkpoint")
-        study = fd.Study(tuple(split_methods(methods) if methods else fd.default_specs()), tuple(kinds), settings,
-                         str(checkpoint) if checkpoint else None, model, stage)
-        records = load_results(results).records if results else None
-        if records:  # before any work: the latency plot needs cases on this grid
-            report.runs_on_grid(records, *settings.grid, settings.dim, settings.heads)
-    except ValueError as exc:
-        fail(str(exc))
-    specs, notes, _ = bounded(fd.check_study, (study, bool(methods)), "bench fidelity", bound, timeout)
-    study = replace(study, specs=specs)
-    for note in notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
-    out.mkdir(parents=True, exist_ok=True)
-    about = {"command": command_line(ctx), "machine": cpu_model(), "torch": torch.__version__,
-             "commit": git_commit(), "images": [str(p) for p in paths], "results": str(results) if results else None,
-             "checkpoint": str(checkpoint) if checkpoint else None,
-             "tokens": f"{model} stage {stage} features" if model else "image statistics (bench viz's content tokens)"}
-    (out / "fidelity.json").write_text(json.dumps(about, indent=2) + "\n")
-    with open(out / "fidelity.csv", "w", newline="") as f, Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=True) as progress:
-        writer = csv.DictWriter(f, fieldnames=report.COLUMNS)
-        writer.writeheader()
-        task = progress.add_task("fidelity", total=len(paths))
-        for path, name in zip(paths, fd.image_names(paths)):  # each image in its own bounded process
-            progress.update(task, description=escape(name))
-            writer.writerows(bounded(fd.study_image, (study, path, name), "bench fidelity", bound, timeout))
-            f.flush()  # each image's rows land on disk as it finishes
-            progress.advance(task)
-    try:
-        df, written_files = write_fidelity_reports(out, records, svg)
-    except ValueError as exc:
-        fail(str(exc))
+    options = {k: v for k, v in ctx.params.items() if k != "plugin"}
+    request = StudyRequest(**{**options, "image": image or [], "weights": weights or [], "command": command_line(ctx)})
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("checking the mechanisms", total=None)
+        try:
+            df, written = run_study(request, lambda *at: _next_image(progress, task, request, *at))
+        except ValueError as exc:
+            fail(str(exc))
+        except BoundedCallFailed as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(1) from None
     console.print(fidelity_table(df))
-    console.print("wrote " + ", ".join(str(p) for p in [out / "fidelity.csv"] + written_files))
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _next_image(progress: Progress, task: Any, request: Any, name: str, done: int, total: int) -> None:
+    if done == 0:  # the study was checked: say what it left out
+        for note in request.notes:
+            progress.console.print(f"[yellow]note:[/] {escape(note)}")
+    progress.update(task, completed=done, total=total, description=escape(name))
 
 
 def command_line(ctx: typer.Context) -> str:
@@ -677,26 +611,8 @@ def command_line(ctx: typer.Context) -> str:
     return shlex.join(parts)
 
 
-def write_fidelity_reports(out: Path, records: list[dict] | None = None, svg: bool = False):
-    """summary.md and the plots of a fidelity folder, from its fidelity.csv, and the latency
-    plot from ``records`` (by default the results its fidelity.json names, where they still
-    are); returns the rows and the files written."""
-    from .report import fidelity as report
-
-    df = report.read(out)
-    about_path = out / "fidelity.json"
-    about = json.loads(about_path.read_text()) if about_path.exists() else {}
-    if records is None and about.get("results") and Path(about["results"]).exists():
-        records = load_results(about["results"]).records
-    (out / "summary.md").write_text(report.summary_markdown(df, about))
-    written = [out / "summary.md"] + report.plot_mass_vs_keys(df, out, svg) + report.plot_error_vs_keys(df, out, svg)
-    if records:
-        written += report.plot_mass_vs_latency(df, records, out, svg) + report.plot_error_vs_latency(df, records, out, svg)
-    return df, written
-
-
 def fidelity_table(df) -> Table:
-    from .report.fidelity import mass_row, over_images
+    from .report.fidelity_figures import mass_row, over_images
 
     table = Table(title=f"fidelity over {df['image'].nunique()} images, {df['height'].iloc[0]}x{df['width'].iloc[0]} tokens")
     for col in ("weights", "mechanism", "keys attended", "mass kept", "IQR over images", "kept / keys", "output error"):
@@ -767,109 +683,17 @@ def gpu_check_command(
     resolutions. Exits 1 when a case errors, times out or runs out of memory under its
     estimate, or a check fails; checks.md is written as each step finishes."""
     from . import gpu_check as gc
-    from .measure import check_device
-    from .measure.isolate import default_mem_limit_bytes
-
-    if out.exists():
-        fail(f"{out} exists; gpu-check writes a new folder, so that nothing of an earlier check is mixed in")
-    if timeout <= 0:
-        fail(f"--timeout {timeout} must be more than 0")
-    resolutions = sorted(resolution or [1024, 2048])
-    device = resolve_device(device)
-    bound = default_mem_limit_bytes(device)
-    checks = gc.Checks(out / "checks.md", [f"# gpu-check on {device}", "",
-                                           f"float32: strict fp32 (TF32 off for matmul and cuDNN); may still use fast "
-                                           f"fp32 whatever the flags: {gc.FAST_FP32_REGARDLESS}", ""])
-    try:
-        for dtype in ("float32", "bfloat16"):
-            try:
-                check_device(device, dtype)
-            except ValueError as exc:
-                checks.add(f"- {dtype}: skipped ({exc})")
-                continue
-            for mode in ("fwd", "fwdbwd"):
-                if not _gpu_check_run(checks, out / f"{dtype}-{mode}", resolutions, dtype, mode, device, budget, timeout,
-                                      bound):
-                    checks.add("", "stopped: every case of that run timed out (CUDA start-up hanging?); the rest not run")
-                    raise _StopCheck
-        _gpu_check_peaks(checks, resolutions[0], device, timeout, bound)
-    except _StopCheck:
-        pass
-    except ValueError as exc:  # bad input a run refused (its checks.md still written below)
-        checks.write(finished=True)
-        fail(str(exc))
-    finally:
-        checks.write(finished=True)
-    console.print(checks.text(finished=True))
-    if checks.failed:
-        raise typer.Exit(1)
-
-
-class _StopCheck(Exception):
-    pass
-
-
-def _gpu_check_run(checks: Any, sub: Path, resolutions: list[int], dtype: str, mode: str, device: str, budget: float,
-                   timeout: float, bound: int) -> bool:
-    """One dtype and mode: a bench run of the check's methods, its lines and failures; False
-    when every case timed out."""
-    from . import gpu_check as gc
-    from .measure.case import Case, estimate_peak_bytes
-    from .report.plots import crossovers
-    from .report.table import frame, number
-
-    from . import api
 
     progress = _Progress()
     try:
-        api.run(gc.METHODS, resolutions, dtype=dtype, mode=mode, device=device, budget=budget, timeout=timeout, out=sub,
-                mem_limit=bound, listener=progress)
+        checks = gc.run_check(out, device, sorted(resolution or [1024, 2048]), budget, timeout, listener=progress)
+    except ValueError as exc:
+        fail(str(exc))
     finally:
         progress.stop()
-    records = ResultsStore(sub).records()
-    estimates = {(r["label"], r["resolution"]): estimate_peak_bytes(Case(r["label"], r["resolution"], dtype=dtype,
-                                                                         mode=mode, device=device)) for r in records}
-    by = {(r["label"], r["resolution"]): r for r in records}
-    lines = [f"## {dtype}, {mode}"]
-    for res in resolutions:
-        for topk in (4, 16):
-            fast, gather = by.get((f"bra:n_win=8,topk={topk}", res)), by.get((f"bra:n_win=8,topk={topk},impl=gather", res))
-            if fast and gather and fast["status"] == gather["status"] == "ok":
-                lines.append(f"- {res} px topk {topk}: fast {number(fast['latency_ms']):.2f} ms / "
-                             f"{number(fast['peak_mem_mb']):.0f} MiB, gather {number(gather['latency_ms']):.2f} ms / "
-                             f"{number(gather['peak_mem_mb']):.0f} MiB: {gather['latency_ms'] / fast['latency_ms']:.2f}x "
-                             f"faster, {gather['peak_mem_mb'] / max(fast['peak_mem_mb'], 1e-9):.1f}x less memory")
-            else:
-                lines.append(f"- {res} px topk {topk}: fast {fast and fast['status']}, gather {gather and gather['status']}")
-    cross = crossovers(frame(records))
-    lines.append("- first resolution faster than fused full attention: "
-                 + (", ".join(f"{k} {v} px" for k, v in cross.items()) or "none among these"))
-    checks.add(*lines, "")
-    checks.fail(*gc.failures(records, estimates, bound))
-    return not gc.all_timed_out(records)
-
-
-def _gpu_check_peaks(checks: Any, resolution: int, device: str, timeout: float, bound: int) -> None:
-    """The CUDA peak against the tensor tracker for one case, in its own bounded process."""
-    from . import gpu_check as gc
-    from .measure.isolate import call_isolated
-
-    checks.add(f"## peak memory: CUDA statistics against the tensor tracker, the same case (fwd {gc.PEAK_RULE})")
-    for mode in ("fwd", "fwdbwd"):
-        got = call_isolated(gc.peak_agreement_of, ("bra:n_win=8,topk=4", resolution, device, mode), device=device,
-                            mem_limit_bytes=bound, timeout_s=timeout)
-        if got.status != "ok":
-            checks.add(f"- {mode}: {got.status} ({got.message.splitlines()[0]})")
-            checks.fail(f"peak {mode}: {got.status}")
-            continue
-        on_device, tracked = got.value
-        if on_device is None:
-            checks.add(f"- {mode}: tracker {tracked / 2**20:.1f} MiB (a CPU run has no device statistics to check)")
-            continue
-        line, failed = gc.peak_verdict(mode, on_device, tracked)
-        checks.add(line)
-        if failed:
-            checks.fail(f"peak {mode}: CUDA and tracker apart beyond {gc.PEAK_RULE}")
+    console.print(checks.text(finished=True))
+    if checks.failed:
+        raise typer.Exit(1)
 
 
 @app.command("gate")
@@ -928,8 +752,7 @@ def gate_command(
                           "are gone")
             raise typer.Exit(code) from None
     raw.update(base=base, base_commit=commit, current=str(root), settings=gate.asdict(settings))
-    (folder / "gate.json").write_text(json.dumps(raw) + "\n")
-    found = gate.verdicts(raw, settings)
+    found = gate.write_outputs(folder, raw, settings)
     rows = gate.rows(found)
     table = Table(title=f"bench gate: base {base} ({commit[:10]}) -> working tree, {rounds} rounds, factor {factor}, alpha {alpha}")
     for col in rows[0]:
@@ -938,9 +761,6 @@ def gate_command(
         style = "red" if row["verdict"].split(":")[0] in gate.FAILING else ("green" if row["verdict"] == "faster" else None)
         table.add_row(*(escape(v) for v in row.values()), style=style)
     console.print(table)
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r.values()) + " |" for r in rows]
-    (folder / "gate.md").write_text("\n".join(lines) + "\n")
     failing = [v for v in found if v.verdict in gate.FAILING]
     if failing:
         console.print(f"[red]gate failed[/]: {', '.join(f'{v.case} ({v.verdict})' for v in failing)}")

@@ -1,4 +1,9 @@
-"""The package's own exception for bad input."""
+"""The package's own exceptions."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class UsageError(ValueError):
@@ -11,3 +16,14 @@ class UsageError(ValueError):
 class BoundedCallFailed(RuntimeError):
     """Work run in a bounded process (a mechanism's code) failed, ran out of memory or of
     time; the message names what was being done and how it ended."""
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """The ValueErrors the zoo, the store and the checks raise for bad input, as UsageError."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc

@@ -332,3 +332,16 @@ def rows(found: list[Verdict]) -> list[dict[str, str]]:
              "ratio [95% CI]": f"{v.ratio:.3f} [{v.ci[0]:.3f}, {v.ci[1]:.3f}]",
              "p (slower)": f"{v.p_slower:.4f}", "verdict": v.verdict + (f": {v.detail}" if v.detail else "")}
             for v in found]
+
+
+def write_outputs(folder: Path, raw: dict[str, Any], settings: Settings) -> list[Verdict]:
+    """gate.json (every raw sample, the base and the settings as ``raw`` holds them) and gate.md
+    (a row per case) in ``folder``; the verdicts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gate.json").write_text(json.dumps(raw) + "\n")
+    found = verdicts(raw, settings)
+    table = rows(found)
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(r.values()) + " |" for r in table]
+    (folder / "gate.md").write_text("\n".join(lines) + "\n")
+    return found

@@ -92,3 +92,103 @@ def peak_agreement_of(spec: str, resolution: int, device: str, mode: str) -> tup
     step = make_step(module, x, mode)
     step()
     return peak_agreement(step, resolve(device), getattr(step, "clear", None))
+
+
+def run_check(out: Path, device: str, resolutions: list[int], budget: float, timeout: float,
+              listener: Any = None) -> Checks:
+    """The whole check into the new folder ``out``: for float32 and bfloat16 (where the device
+    takes them), fwd and fwdbwd, a run of :data:`METHODS` at each resolution with its lines and
+    failures; then the peak comparison. Stops when a run's every case timed out. checks.md is
+    written after each step and however the check ends; UsageError for bad input."""
+    from .errors import UsageError
+    from .measure import check_device
+    from .measure.isolate import default_mem_limit_bytes
+    from .sweep.plan import resolve_device
+
+    if out.exists():
+        raise UsageError(f"{out} exists; gpu-check writes a new folder, so that nothing of an earlier check is mixed in")
+    if timeout <= 0:
+        raise UsageError(f"--timeout {timeout} must be more than 0")
+    device = resolve_device(device)
+    bound = default_mem_limit_bytes(device)
+    checks = Checks(out / "checks.md", [f"# gpu-check on {device}", "",
+                                        f"float32: strict fp32 (TF32 off for matmul and cuDNN); may still use fast "
+                                        f"fp32 whatever the flags: {FAST_FP32_REGARDLESS}", ""])
+    try:
+        for dtype in ("float32", "bfloat16"):
+            try:
+                check_device(device, dtype)
+            except ValueError as exc:
+                checks.add(f"- {dtype}: skipped ({exc})")
+                continue
+            for mode in ("fwd", "fwdbwd"):
+                run = dict(dtype=dtype, mode=mode, device=device, budget=budget, timeout=timeout, bound=bound)
+                if not _check_run(checks, out / f"{dtype}-{mode}", resolutions, listener, **run):
+                    checks.add("", "stopped: every case of that run timed out (CUDA start-up hanging?); the rest not run")
+                    return checks
+        _check_peaks(checks, resolutions[0], device, timeout, bound)
+        return checks
+    finally:
+        checks.write(finished=True)
+
+
+def _check_run(checks: Checks, sub: Path, resolutions: list[int], listener: Any, *, dtype: str, mode: str,
+               device: str, budget: float, timeout: float, bound: int) -> bool:
+    """One dtype and mode: a run of the check's methods, its lines and failures; False when
+    every case timed out."""
+    from . import api
+    from .measure.case import Case, estimate_peak_bytes
+
+    records = api.run(METHODS, resolutions, dtype=dtype, mode=mode, device=device, budget=budget, timeout=timeout,
+                      out=sub, mem_limit=bound, listener=listener).to_dict("records")
+    estimates = {(r["label"], r["resolution"]): estimate_peak_bytes(Case(r["label"], r["resolution"], dtype=dtype,
+                                                                         mode=mode, device=device)) for r in records}
+    checks.add(*run_lines(records, resolutions, dtype, mode), "")
+    checks.fail(*failures(records, estimates, bound))
+    return not all_timed_out(records)
+
+
+def run_lines(records: list[dict[str, Any]], resolutions: list[int], dtype: str, mode: str) -> list[str]:
+    """checks.md's lines for one run: fast BRA against the gather at each resolution and topk,
+    and the crossovers with fused full attention."""
+    from .report.plots import crossovers
+    from .report.table import frame, number
+
+    by = {(r["label"], r["resolution"]): r for r in records}
+    lines = [f"## {dtype}, {mode}"]
+    for res in resolutions:
+        for topk in (4, 16):
+            fast, gather = by.get((f"bra:n_win=8,topk={topk}", res)), by.get((f"bra:n_win=8,topk={topk},impl=gather", res))
+            if fast and gather and fast["status"] == gather["status"] == "ok":
+                lines.append(f"- {res} px topk {topk}: fast {number(fast['latency_ms']):.2f} ms / "
+                             f"{number(fast['peak_mem_mb']):.0f} MiB, gather {number(gather['latency_ms']):.2f} ms / "
+                             f"{number(gather['peak_mem_mb']):.0f} MiB: {gather['latency_ms'] / fast['latency_ms']:.2f}x "
+                             f"faster, {gather['peak_mem_mb'] / max(fast['peak_mem_mb'], 1e-9):.1f}x less memory")
+            else:
+                lines.append(f"- {res} px topk {topk}: fast {fast and fast['status']}, gather {gather and gather['status']}")
+    cross = crossovers(frame(records))
+    lines.append("- first resolution faster than fused full attention: "
+                 + (", ".join(f"{k} {v} px" for k, v in cross.items()) or "none among these"))
+    return lines
+
+
+def _check_peaks(checks: Checks, resolution: int, device: str, timeout: float, bound: int) -> None:
+    """The CUDA peak against the tensor tracker for one case, in its own bounded process."""
+    from .measure.isolate import call_isolated
+
+    checks.add(f"## peak memory: CUDA statistics against the tensor tracker, the same case (fwd {PEAK_RULE})")
+    for mode in ("fwd", "fwdbwd"):
+        got = call_isolated(peak_agreement_of, ("bra:n_win=8,topk=4", resolution, device, mode), device=device,
+                            mem_limit_bytes=bound, timeout_s=timeout)
+        if got.status != "ok":
+            checks.add(f"- {mode}: {got.status} ({got.message.splitlines()[0]})")
+            checks.fail(f"peak {mode}: {got.status}")
+            continue
+        on_device, tracked = got.value
+        if on_device is None:
+            checks.add(f"- {mode}: tracker {tracked / 2**20:.1f} MiB (a CPU run has no device statistics to check)")
+            continue
+        line, failed = peak_verdict(mode, on_device, tracked)
+        checks.add(line)
+        if failed:
+            checks.fail(f"peak {mode}: CUDA and tracker apart beyond {PEAK_RULE}")

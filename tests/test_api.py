@@ -110,3 +110,19 @@ def test_a_mechanism_from_standard_input_runs_locally(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is the optional extra attnbench[ray]")
 def test_a_mechanism_from_standard_input_runs_on_ray(tmp_path):
     _notebook(tmp_path, "ray")
+
+
+def test_the_fidelity_study_is_a_library_call(tmp_path):
+    from attnbench.fidelity import StudyRequest, run_study
+    from attnbench.report.content import sample_image_path
+
+    seen = []
+    request = StudyRequest(methods=["full", "sra:sr_ratio=2", "window:window_size=4"], image=[sample_image_path()],
+                           resolution=128, dim=16, heads=2, out=tmp_path / "f", command="a test")
+    df, written = run_study(request, lambda *at: seen.append(at))
+    assert seen == [("grace_hopper.jpg", 0, 1)]
+    assert list(df["mechanism"]) == ["full", "sra", "window"] and df["mass_kept"].isna().tolist() == [False, True, False]
+    assert {p.name for p in written} >= {"fidelity.csv", "summary.md", "fidelity_keys.png", "fidelity_error_keys.png"}
+    assert json.loads((tmp_path / "f" / "fidelity.json").read_text())["command"] == "a test"
+    with pytest.raises(attnbench.UsageError, match="fidelity.csv exists; use --force"):
+        run_study(request)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import attnbench
-from attnbench.report import fidelity as fidelity_report
+from attnbench.report import fidelity_figures as fidelity_report
 from attnbench.sweep.store import ResultsStore
 from conftest import ROOT
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from attnbench import fidelity as fd
 from attnbench.attention import AttentionMap, build_attention, list_attentions
 from attnbench.cli import app
-from attnbench.report import fidelity as report
+from attnbench.report import fidelity_figures as report
 from attnbench.report.content import content_tokens, load_square, sample_image_path, sample_images
 
 runner = CliRunner()
