@@ -1,0 +1,75 @@
+"""The README and docs/ hold together: every relative link resolves, docs/commands.md is the
+command line as it is (`python tests/test_docs.py` writes it again), the README stays a front
+page, and the Python examples of docs/ run (the README's: tests/test_readme.py)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "results").glob("**/README.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def commands_page() -> str:
+    """docs/commands.md from the command line itself: each command's help and options."""
+    import typer
+
+    from attnbench.cli import app
+
+    group = typer.main.get_command(app)
+    lines = ["# Commands", "", "Every `bench` command and its options, as `bench COMMAND --help` gives them. "
+             "This page is generated from the command line (`python tests/test_docs.py`); a test keeps it current.", ""]
+    for name in sorted(group.commands):
+        command = group.commands[name]
+        lines += [f"## `bench {name}`", "", " ".join((command.help or "").split()), ""]
+        for param in command.params:
+            if param.name == "help":
+                continue
+            flags = ", ".join(f"`{o}`" for o in param.opts) if param.param_type_name == "option" else f"`{param.name.upper()}`"
+            default = "" if param.default in (None, False, [], ()) or param.required else f" (default: `{param.default}`)"
+            lines.append(f"- {flags}: {' '.join((getattr(param, 'help', '') or '').split())}{default}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def test_every_relative_link_resolves():
+    broken = []
+    for page in PAGES:
+        for target in LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            if not path.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
+
+
+def test_the_readme_is_a_front_page():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    linked = set(re.findall(r"\(docs/([a-z-]+\.md)\)", text))
+    assert linked == {p.name for p in (ROOT / "docs").glob("*.md")}  # every page reachable from the front page
+
+
+def test_the_commands_page_is_current():
+    assert (ROOT / "docs" / "commands.md").read_text() == commands_page(), "run: python tests/test_docs.py"
+
+
+BLOCKS = [(page, b) for page in sorted((ROOT / "docs").glob("*.md"))
+          for b in re.findall(r"```python\n(.*?)```", page.read_text(), re.S) if "..." not in b]
+
+
+@pytest.mark.parametrize("page, code", BLOCKS, ids=[f"{p.name}:{b.splitlines()[0][:30]}" for p, b in BLOCKS])
+def test_a_docs_example_runs_as_a_script(page, code, tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(code.replace("resolution=1024", "resolution=64"))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+if __name__ == "__main__":
+    (ROOT / "docs" / "commands.md").write_text(commands_page())
