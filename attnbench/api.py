@@ -82,3 +82,27 @@ def load(folder: str | Path) -> pd.DataFrame:
             with usage_errors():
                 return frame_of(store)
     raise UsageError(f"{folder} holds no results.jsonl or models.jsonl; give a folder written by bench run")
+
+
+def plot(folder: str | Path) -> tuple[str, Any, list[Path]]:
+    """Redraw summary.md and the figures of a folder from its records: a run's (results.jsonl
+    or models.jsonl) or a fidelity study's (fidelity.csv). (``"layers"``, ``"models"`` or
+    ``"fidelity"``; the records, or the study's rows as a DataFrame; the files written)."""
+    from .report.fidelity_figures import write_reports as fidelity_reports
+    from .sweep.loop import write_reports
+    from .sweep.store import check_writable
+
+    folder = Path(folder).expanduser()
+    stores = [s for s in (ResultsStore(folder), ResultsStore(folder, models=True)) if s.jsonl.exists()]
+    with usage_errors():
+        if not stores and (folder / "fidelity.csv").exists():
+            check_writable(folder, "the fidelity folder")
+            df, written = fidelity_reports(folder, svg=(folder / "fidelity_keys.svg").exists())
+            return "fidelity", df, written[1:]
+        if not stores:
+            raise UsageError(f"{folder} holds no results.jsonl or models.jsonl; give a folder written by bench run")
+        check_writable(folder, "the results folder")  # summary.md and the plots are written into it
+        records = stores[0].records()
+        if not records:
+            raise UsageError(f"{stores[0].jsonl} holds no results")
+        return ("models" if stores[0].models else "layers"), records, write_reports(stores[0])

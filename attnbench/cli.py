@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
-import signal
 import sys
-import threading
-import time
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,15 +19,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .report import summary_markdown, summary_rows
+from .report import summary_rows
 from .errors import BoundedCallFailed
-from .fidelity.study import write_reports as write_fidelity_reports
-from .report.compare import compare_runs, environment_differences, gate_failed, key_differences, load_results
+from .interrupts import interrupts_as_keyboard_interrupt, stopped_by
 from .report.table import COLUMNS
 from .schema import DTYPE_NAMES, machine_of
-from .sweep import PRESETS, ModelPreset, ResultsStore, build_cases, check_writable, preset
+from .sweep import PRESETS, ResultsStore
 from .sweep.loop import Listener, write_reports
-from .sweep.plan import parse_size, resolve_device, split_methods
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="attnbench: what vision attention costs, and what it attends to.")
@@ -59,11 +52,7 @@ def load_plugin_options(plugins: list[str] | None) -> list[str]:
     A plugin that fails, or clashes with another, exits 2 naming it."""
     from .attention import load_plugins
 
-    try:
-        return load_plugins(plugins or [])
-    except ValueError as exc:
-        fail(str(exc))
-    return []
+    return _library(load_plugins, plugins or [])
 
 
 @app.callback()
@@ -104,34 +93,25 @@ def list_command(plugin: list[str] = typer.Option(None, "--plugin", help=PLUGIN_
     """List the attention mechanisms with their parameters, defaults and ranges, and the presets."""
     from .attention import list_attentions
     from .attention.registry import format_value
+    from .backbones import list_models
 
     load_plugin_options(plugin)
     table = Table(title="attention mechanisms (spec: NAME:key=value,...)", show_lines=True)
-    table.add_column("name", style="bold")
-    table.add_column("description")
-    table.add_column("parameters (default; allowed)")
-    table.add_column("from")
+    for col in ("name", "description", "parameters (default; allowed)", "from"):
+        table.add_column(col, style="bold" if col == "name" else None)
     for info in list_attentions():
-        params = "\n".join(escape(f"{p.name}={format_value(p.default)}  [{p.allowed()}]  {p.help}") for p in info.params)
+        params = "\n".join(f"{p.name}={format_value(p.default)}  [{p.allowed()}]  {p.help}" for p in info.params)
         module, _, path = info.source.partition(" (")
         where = path.rstrip(")") if module.startswith("attnbench_plugin_") else module  # a --plugin file: its path
-        table.add_row(info.name, escape(info.description), params or "-", escape(where))
+        table.add_row(info.name, escape(info.description), escape(params) or "-", escape(where))
     console.print(table)
-    presets = Table(title="presets (bench run --preset NAME)")
-    presets.add_column("name", style="bold")
-    presets.add_column("cases")
-    for p in PRESETS.values():
-        presets.add_row(p.name, escape(p.description))
-    console.print(presets)
-    from .backbones import list_models
-
-    models = Table(title="models (attnbench.build_model(NAME); stl:SPEC is the STL network with any mechanism)")
-    for col in ("name", "description", "parameters", "GMACs at 224", "reproduces"):
-        models.add_column(col, style="bold" if col == "name" else None)
-    for m in list_models():
-        models.add_row(m.name, escape(m.description), f"{m.params:,}" if m.params else "-",
-                       f"{m.macs_224 / 1e9:.3f}" if m.macs_224 else "-", escape(m.reference))
-    console.print(models)
+    console.print(_table("presets (bench run --preset NAME)", ["name", "cases"],
+                         [(p.name, p.description) for p in PRESETS.values()]))
+    console.print(_table("models (attnbench.build_model(NAME); stl:SPEC is the STL network with any mechanism)",
+                         ["name", "description", "parameters", "GMACs at 224", "reproduces"],
+                         [(m.name, m.description, f"{m.params:,}" if m.params else "-",
+                           f"{m.macs_224 / 1e9:.3f}" if m.macs_224 else "-", m.reference) for m in list_models()],
+                         left=2))
 
 
 # the columns that fit 80 characters, with short headers; summary.md always has them all
@@ -157,31 +137,10 @@ def _results_table(records: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
-@contextmanager
-def interrupts_as_keyboard_interrupt():
-    """SIGTERM raises KeyboardInterrupt like Ctrl-C does, so a killed run ends its running case
-    and says how to resume; yields the name of the signal received (a one-item list)."""
-    received: list[str] = []
-
-    def on_term(signum, frame):
-        received.append("SIGTERM")
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
-        yield received
-        return
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def stopped_by(received: list[str]) -> tuple[str, int]:
-    """The signal that stopped a command (Ctrl-C's SIGINT unless SIGTERM was received, see
-    :func:`interrupts_as_keyboard_interrupt`) and the exit code for it, 128 + its number."""
-    name = received[0] if received else "SIGINT"
-    return name, 128 + getattr(signal, name).value
+def _bar(*more: Any, transient: bool = False) -> Progress:
+    """The progress bar every command shows: what runs now, the bar, done of total, time taken."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), *more,
+                    console=console, transient=transient)
 
 
 def _case_name(case: Any) -> str:
@@ -208,7 +167,8 @@ def _models_table(records: list[dict[str, Any]], title: str) -> Table:
 class _Progress(Listener):
     """bench run's console: notes, the calibration, a progress bar, a line per failed case."""
 
-    def __init__(self) -> None:
+    def __init__(self, received: list[str] | None = None) -> None:
+        self.received = received  # the signals interrupts_as_keyboard_interrupt saw
         self.bar: Progress | None = None
         self.todo = self.finished = 0
         self.folder: Path | None = None
@@ -229,8 +189,7 @@ class _Progress(Listener):
         rates = ", ".join(f"{n['host']}: {n['device_name']}, GEMM {n['gemm_gflops']:.0f} GFLOP/s, {n['threads']} threads"
                           for n in nodes)
         console.print(f"{total} cases ({total - len(todo)} already done) -> {folder}  [{rates}]")
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+        self.bar = _bar(TextColumn("ETA"), TimeRemainingColumn())
         self.bar.start()
         self.task = self.bar.add_task("starting" if local else f"on {len(nodes)} Ray node(s)", total=len(todo))
 
@@ -255,9 +214,18 @@ class _Progress(Listener):
             self.bar.stop()
             self.bar = None
 
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        self.stop()
+        if kind is KeyboardInterrupt and self.received is not None:  # the cases' processes are ended on the way out
+            _interrupted(self, self.received)
+
 
 @app.command("run")
 def run_command(
+    ctx: typer.Context,
     resolution: list[int] = typer.Option(None, "--resolution", "-r", help="image side in pixels; repeat for several (default: the preset's, else 1024)"),
     stride: Optional[int] = typer.Option(None, help="pixels per token: the token grid is resolution/stride a side (default: the preset's, else 4, a backbone's first stage)"),
     dim: Optional[int] = typer.Option(None, help="channels C of the feature map (default: the preset's, else 64, BiFormer-T stage 1)"),
@@ -289,24 +257,18 @@ def run_command(
     (--model, --preset backbones) at each --size; write results, a table and plots."""
     from . import api
 
-    progress = _Progress()
-    with interrupts_as_keyboard_interrupt() as received:
-        try:
-            df = api.run(methods, resolution, size, model, preset_name, stride=stride, dim=dim, heads=heads,
-                         batch=batch, dtype=dtype, mode=mode, device=device, threads=threads, repeat=repeat,
-                         mem_limit=mem_limit, timeout=timeout, budget=budget, compile=compile_, tf32=tf32,
-                         executor=executor, ray_address=ray_address, plugins=plugin or [], out=out, resume=resume,
-                         retry_failed=retry_failed, force=force, listener=progress)
-        except ValueError as exc:
-            progress.stop()
-            fail(str(exc))
-        except KeyboardInterrupt:  # the running cases' processes are killed and the lock released on the way out
-            progress.stop()
-            _interrupted(progress, received)
-        progress.stop()
+    renamed = dict(resolution="resolutions", size="sizes", model="models", preset_name="preset", compile_="compile")
+    options = {renamed.get(k, k): v for k, v in ctx.params.items() if k != "plugin"}
+    with interrupts_as_keyboard_interrupt() as received, _Progress(received) as progress:
+        _library(api.run, **options, plugins=plugin or [], listener=progress)
+    _show_run(progress)
+
+
+def _show_run(progress: "_Progress") -> None:
     store = ResultsStore(progress.folder, models=not ResultsStore(progress.folder).jsonl.exists())
-    table = _models_table if store.models else _results_table
-    console.print(table(store.records(), f"{store.folder} ({df['device'].iloc[0] if len(df) else device}, {dtype}, {mode})"))
+    records = store.records()
+    how = f"{records[0]['device']}, {records[0]['dtype']}, {records[0]['mode']}" if records else "no cases"
+    console.print((_models_table if store.models else _results_table)(records, f"{store.folder} ({how})"))
     console.print("wrote " + ", ".join(p.name for p in [store.jsonl, store.csv, store.env_path, *progress.written]))
 
 
@@ -323,32 +285,12 @@ def _interrupted(progress: _Progress, received: list[str]) -> None:
 def plot_command(results: Path = typer.Argument(..., help="a results folder written by bench run")) -> None:
     """Regenerate summary.md and the plots of a results folder from its results.jsonl (or
     of a `bench fidelity` folder from its fidelity.csv)."""
-    store = ResultsStore(results)
-    if not store.jsonl.exists() and ResultsStore(results, models=True).jsonl.exists():
-        store = ResultsStore(results, models=True)
-    if not store.jsonl.exists() and (results / "fidelity.csv").exists():
-        try:
-            check_writable(results, "the fidelity folder")
-            df, written = write_fidelity_reports(results, svg=(results / "fidelity_keys.svg").exists())
-            console.print(fidelity_table(df))
-        except ValueError as exc:
-            fail(str(exc))
-        console.print("wrote " + ", ".join(p.name for p in written))
-        return
-    if not store.jsonl.exists():
-        fail(f"{results} holds no results.jsonl or models.jsonl; give a folder written by bench run")
-    try:
-        check_writable(results, "the results folder")  # summary.md and the plots are written into it
-        records = store.records()
-    except ValueError as exc:
-        fail(str(exc))
-    if not records:
-        fail(f"{store.jsonl} holds no results")
-    try:
-        written = write_reports(store)
-    except ValueError as exc:
-        fail(str(exc))
-    console.print((_models_table if store.models else _results_table)(records, str(results)))
+    from .api import plot
+
+    kind, found, written = _library(plot, results)
+    tables = {"fidelity": fidelity_table, "models": lambda r: _models_table(r, str(results)),
+              "layers": lambda r: _results_table(r, str(results))}
+    console.print(tables[kind](found))
     console.print("wrote " + ", ".join(p.name for p in written))
 
 
@@ -362,11 +304,8 @@ def merge_command(
     two folders with different figures is refused (exit 2)."""
     from .sweep import merge_stores
 
-    try:
-        store = merge_stores(folders, out)
-        written = write_reports(store)
-    except ValueError as exc:
-        fail(str(exc))
+    store = _library(merge_stores, folders, out)
+    written = _library(write_reports, store)
     records = store.records()
     machines = {machine_of(r) for r in records}
     console.print((_models_table if store.models else _results_table)(records, f"{out} ({len(machines)} machines)"))
@@ -402,46 +341,30 @@ def compare_command(
     mem_tol: float = typer.Option(0.02, help="relative growth of peak memory that fails (0.02 = 2%)"),
     accept_flops: bool = typer.Option(False, "--accept-flops", help="report MAC changes without failing on them"),
 ) -> None:
-    """The perf gate: Better / Same / Worse per case; exit 1 on a regression, 2 on unusable input."""
-    for name, value in (("--latency-tol", latency_tol), ("--latency-floor", latency_floor), ("--mem-tol", mem_tol)):
-        if value < 0:
-            fail(f"{name} = {value} must be >= 0")
-    try:
-        base, cur = load_results(baseline), load_results(current)
-    except ValueError as exc:
-        fail(str(exc))
-    rows = compare_runs(base, cur, latency_tol, latency_floor, mem_tol, accept_flops)
-    if all(r.verdict in ("New", "Missing") for r in rows):  # nothing compared must not read as "passed"
-        differ = "; ".join(key_differences(base, cur)) or "their mechanisms or parameters"
-        fail(f"{base.source} and {cur.source} share no case, so nothing was compared; they differ in {differ}")
-    for difference in environment_differences(base, cur):
+    """The perf gate: better / same / worse per case; exit 1 on a regression, 2 on unusable input."""
+    from .report.compare import compare_folders
+    from .verdicts import STYLE
+
+    found = _library(compare_folders, baseline, current, latency_tol, latency_floor, mem_tol, accept_flops)
+    for difference in found.notes:
         console.print(f"[yellow]note:[/] the runs differ in {escape(difference)}; latency is normalised, memory may differ")
-    table = Table(title=f"{base.source} -> {cur.source}")
-    table.add_column("case", no_wrap=True)
-    table.add_column("verdict")
-    table.add_column("what changed")
-    style = {"Worse": "red", "Better": "green", "Same": "", "New": "cyan", "Missing": "yellow"}
-    for row in rows:
-        table.add_row(escape(row.case), f"[{style[row.verdict]}]{row.verdict}[/]" if style[row.verdict] else row.verdict,
-                      escape("; ".join(row.notes)))
+    table = Table(title=f"{found.base.source} -> {found.current.source}")
+    for col in ("case", "verdict", "what changed"):
+        table.add_column(col, no_wrap=col == "case")
+    for row in found.rows:
+        style = STYLE[row.verdict]
+        table.add_row(escape(row.case), f"[{style}]{row.verdict}[/]" if style else row.verdict, escape("; ".join(row.notes)))
     console.print(table)
-    counts = {v: sum(r.verdict == v for r in rows) for v in style}
-    console.print(", ".join(f"{n} {v.lower()}" for v, n in counts.items() if n))
-    if gate_failed(rows):
+    console.print(", ".join(f"{n} {v}" for v, n in found.counts().items()))
+    if found.failed:
         console.print("[bold red]perf gate: FAILED[/]")
         raise typer.Exit(1)
     console.print("[bold green]perf gate: passed[/]")
 
 
-def parse_query(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(-?\d+)\s*,\s*(-?\d+)\s*", text)
-    if not m:
-        raise ValueError(f"--query '{text}' is not y,x in pixels (e.g. 120,200)")
-    return int(m.group(1)), int(m.group(2))
-
-
 @app.command("viz")
 def viz_command(
+    ctx: typer.Context,
     methods: list[str] = typer.Option(None, "--methods", "-m", help="mechanisms to draw, names or specs (default: the six at legible settings)"),
     query: list[str] = typer.Option(None, "--query", "-q", help="query position y,x in image pixels; repeatable (default: three spread points)"),
     image: Optional[Path] = typer.Option(None, help="a JPEG or PNG (default: grace_hopper.jpg from matplotlib's sample data)"),
@@ -464,85 +387,37 @@ def viz_command(
 ) -> None:
     """Draw what each mechanism attends to on a real image (maps), or its pattern sheet; the
     mechanisms run in a process of their own, under a memory bound and a timeout."""
-    from .attention import Shape
-    from .attention.registry import check_spec
-    from .report.content import content_tokens, image_size, load_image
-    from .report.viz import Scene, default_methods, default_queries, draw, load_checkpoint, memory_needed
+    from .maps import VizRequest, draw_request
 
     load_plugin_options(plugin)
-
-    try:
-        if kind not in ("maps", "pattern"):
-            raise ValueError(f"unknown --kind '{kind}'; use maps or pattern")
-        name = "attention_maps" if kind == "maps" else "attention_patterns"
-        taken = lambda folder: (folder / f"{name}.png").exists()  # noqa: E731
-        if out is None:
-            out = next(f for f in [Path("results/viz")] + [Path(f"results/viz-{n}") for n in range(2, 10_000)] if not taken(f))
-        elif taken(out) and not force:
-            raise ValueError(f"{out / (name + '.png')} exists; use --force to replace it, or another --out")
-        check_writable(out)
-        if stride < 1:
-            raise ValueError(f"--stride {stride} must be >= 1")
-        specs = split_methods(methods) if methods else default_methods()
-        width, height = image_size(image, resolution)
-        for spec in specs:  # bad parameters fail here, before any drawing, without building anything
-            check_spec(spec, Shape(1, height // stride, width // stride, dim, heads))
-        need, bound = memory_needed(kind, width, height, stride, heads), bound_or_default(mem_limit, timeout)
-        if need > bound:
-            raise ValueError(f"a {width}x{height} px image at stride {stride} ({(width // stride) * (height // stride)} "
-                             f"tokens) needs about {need / 2**30:.1f} GiB to draw, over the {bound / 2**30:.1f} GiB "
-                             "bound; use a smaller --resolution or a larger --stride")
-        picture = load_image(image, resolution, stride)
-        queries = [parse_query(q) for q in query] if query else default_queries(picture)
-        scene = Scene(picture, stride, content_tokens(picture, stride, dim), str(image or "grace_hopper.jpg (matplotlib sample data)"))
-        if checkpoint:
-            load_checkpoint(checkpoint)  # a file that is no checkpoint fails here; the drawing process reads it again
-        records = load_results(results).records if results else None
-    except ValueError as exc:
-        fail(str(exc))
-    options = dict(dim=dim, heads=heads, weights=weights, svg=svg)
-    if kind == "maps":
-        options.update(head=head, checkpoint_path=str(checkpoint) if checkpoint else None,
-                       checkpoint_name=str(checkpoint) if checkpoint else None,
-                       records=records,
-                       # a mechanism the user named must take the checkpoint whole; a default one may pass
-                       partial="load" if partial_checkpoint else ("error" if methods else "skip"))
-    written, stats = bounded(draw, (kind, scene, specs, queries, out, options), "bench viz", bound, timeout)
+    options = {k: v for k, v in ctx.params.items() if k != "plugin"}
+    written, stats, grid = _library(draw_request, VizRequest(**{**options, "query": query or []}))
     if stats is not None:
-        table = Table(title=f"attention patterns on {scene.grid[0]}x{scene.grid[1]} tokens")
-        for col in ("mechanism", "mean attention distance (tokens)", "keys attended"):
-            table.add_column(col)
-        for st in stats:
-            table.add_row(escape(st.spec), f"{st.mean_distance:.2f}", f"{st.fraction_attended:.1%}")
-        console.print(table)
+        console.print(_table(f"attention patterns on {grid[0]}x{grid[1]} tokens",
+                             ["mechanism", "mean attention distance (tokens)", "keys attended"],
+                             [(st.spec, f"{st.mean_distance:.2f}", f"{st.fraction_attended:.1%}") for st in stats]))
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
-def bound_or_default(mem_limit: str | None, timeout: float, device: str = "cpu") -> int:
-    """--mem-limit in bytes (default: 70% of the memory free now), both bounds checked: a ValueError."""
-    from .measure.isolate import default_mem_limit_bytes
-
-    if timeout <= 0:
-        raise ValueError(f"--timeout {timeout} must be more than 0")
-    bound = parse_size(mem_limit, device) if mem_limit else default_mem_limit_bytes(device)
-    if bound <= 0:
-        raise ValueError(f"--mem-limit {mem_limit} must be more than 0")
-    return bound
-
-
-def bounded(fn: Any, args: tuple, what: str, bound: int, timeout: float, device: str = "cpu") -> Any:
-    """``fn(*args)`` in a bounded, timed process (see :func:`measure.isolate.bounded_value`);
-    exit 2 for bad input it names, exit 1 for a mechanism's failure."""
-    from .errors import BoundedCallFailed
-    from .measure.isolate import bounded_value
-
+def _library(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """A library call: its value; exit 2 for bad input it names, 1 for a mechanism's failure."""
     try:
-        return bounded_value(fn, args, what, bound, timeout, device)
+        return fn(*args, **kwargs)
     except ValueError as exc:
         fail(str(exc))
     except BoundedCallFailed as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
+
+
+def _table(title: str, columns: list[str], rows: list[tuple], caption: str | None = None, left: int = 1) -> Table:
+    """A rich table: the first ``left`` columns left-aligned, the rest right-aligned, cells escaped."""
+    table = Table(title=title, caption=caption)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i < left else "right")
+    for row in rows:
+        table.add_row(*(escape(str(cell)) for cell in row))
+    return table
 
 
 @app.command("fidelity")
@@ -575,16 +450,9 @@ def fidelity_command(
     load_plugin_options(plugin)
     options = {k: v for k, v in ctx.params.items() if k != "plugin"}
     request = StudyRequest(**{**options, "image": image or [], "weights": weights or [], "command": command_line(ctx)})
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+    with _bar(transient=True) as progress:
         task = progress.add_task("checking the mechanisms", total=None)
-        try:
-            df, written = run_study(request, lambda *at: _next_image(progress, task, request, *at))
-        except ValueError as exc:
-            fail(str(exc))
-        except BoundedCallFailed as exc:
-            console.print(f"[bold red]error:[/] {escape(str(exc))}")
-            raise typer.Exit(1) from None
+        df, written = _library(run_study, request, lambda *at: _next_image(progress, task, request, *at))
     console.print(fidelity_table(df))
     console.print("wrote " + ", ".join(str(p) for p in written))
 
@@ -624,6 +492,7 @@ def fidelity_table(df) -> Table:
 
 @app.command("profile")
 def profile_command(
+    ctx: typer.Context,
     spec: str = typer.Argument(..., help="one mechanism spec, e.g. bra:n_win=8,topk=4"),
     resolution: int = typer.Option(1024, help="image side in pixels"),
     stride: int = typer.Option(4, help="pixels per token"),
@@ -640,33 +509,15 @@ def profile_command(
 ) -> None:
     """Time the stages of one mechanism (for BRA: projections, routing, gather, token attention, lepe, output),
     in a process of its own under a memory bound and a timeout."""
-    from .measure import check_case
-    from .measure.case import Case, estimate_peak_bytes
-    from .measure.profile import profile_case
+    from .measure.profile import profile_request
 
     load_plugin_options(plugin)
-
-    try:
-        device = resolve_device(device)
-        case = Case(spec, resolution, stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode, device=device)
-        check_case(case)
-        if runs < 1:
-            raise ValueError(f"--runs {runs} must be >= 1")
-        bound = bound_or_default(mem_limit, timeout, device)
-        need = estimate_peak_bytes(case)
-        if need > bound:
-            raise ValueError(f"{spec} on {case.height}x{case.width} tokens needs about {need / 2**30:.1f} GiB "
-                             f"(estimated), over the {bound / 2**30:.1f} GiB bound; use a smaller --resolution")
-    except ValueError as exc:
-        fail(str(exc))
-    stages, total = bounded(profile_case, (case, runs), spec, bound, timeout, device)
-    table = Table(title=f"{spec} on {case.height}x{case.width} tokens ({device}, {dtype}, {mode}): {total:.1f} ms per call",
-                  caption="other: time outside every stage (glue; the whole backward pass in fwdbwd)")
-    for col in ("stage", "ms per call", "share"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
-    for st in stages:
-        table.add_row(escape(st.name), f"{st.ms:.2f}", f"{st.share:.1%}")
-    console.print(table)
+    options = {k: v for k, v in ctx.params.items() if k not in ("plugin", "spec", "resolution")}
+    case, stages, total = _library(lambda: profile_request(spec, resolution, **options))
+    console.print(_table(f"{spec} on {case.height}x{case.width} tokens ({case.device}, {case.dtype}, {case.mode}): "
+                         f"{total:.1f} ms per call", ["stage", "ms per call", "share"],
+                         [(st.name, f"{st.ms:.2f}", f"{st.share:.1%}") for st in stages],
+                         caption="other: time outside every stage (glue; the whole backward pass in fwdbwd)"))
 
 
 @app.command("gpu-check")
@@ -684,13 +535,8 @@ def gpu_check_command(
     estimate, or a check fails; checks.md is written as each step finishes."""
     from . import gpu_check as gc
 
-    progress = _Progress()
-    try:
-        checks = gc.run_check(out, device, sorted(resolution or [1024, 2048]), budget, timeout, listener=progress)
-    except ValueError as exc:
-        fail(str(exc))
-    finally:
-        progress.stop()
+    with _Progress() as progress:
+        checks = _library(gc.run_check, out, device, sorted(resolution or [1024, 2048]), budget, timeout, progress)
     console.print(checks.text(finished=True))
     if checks.failed:
         raise typer.Exit(1)
@@ -698,6 +544,7 @@ def gpu_check_command(
 
 @app.command("gate")
 def gate_command(
+    ctx: typer.Context,
     base: str = typer.Option(..., "--base", help="the git ref to compare the working tree with (a commit, branch or tag)"),
     preset_name: str = typer.Option("ci", "--preset", help="the layer cases to time (a layer preset; see bench list)"),
     methods: list[str] = typer.Option(None, "--methods", "-m", help="mechanism specs instead of the preset's"),
@@ -712,57 +559,36 @@ def gate_command(
     of fresh processes; decide each case by a signed-rank test and a minimum effect. Exit 1 on
     a significant slowdown, changed MACs or grown memory; 0 otherwise; 2 on bad input."""
     from . import gate
-    from .measure.case import check_case
 
-    try:
-        settings = gate.Settings(rounds=rounds, factor=factor, alpha=alpha)
-        settings.check()
-        chosen = preset(preset_name)
-        if isinstance(chosen, ModelPreset):
-            raise ValueError(f"--preset {preset_name} holds whole networks; the gate times layer cases (e.g. --preset ci)")
-        specs = split_methods(methods) if methods else list(chosen.specs)
-        threads = chosen.threads if threads is None else threads
-        resolutions = (resolution,) if resolution else (chosen.resolutions or (512,))
-        cases = build_cases(specs, resolutions, device="cpu", threads=threads, **chosen.shape())
-        if not cases:
-            raise ValueError("no cases to time; give --methods or a preset with cases")
-        for case in cases:
-            check_case(case)
-        root = gate.repo_root(Path.cwd())
-        commit = gate.resolve_ref(root, base)
-        if out is not None and (out / "gate.json").exists():
-            raise ValueError(f"{out / 'gate.json'} exists already; give a new --out")
-    except ValueError as exc:
-        fail(str(exc))
-    folder = out or Path(__import__("tempfile").mkdtemp(prefix="bench-gate-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    console.print(f"gate: {len(cases)} cases, {rounds} rounds, base {base} ({commit[:10]}) against the working tree "
-                  f"{root}; raw samples -> {folder / 'gate.json'}")
-    with interrupts_as_keyboard_interrupt() as received:
+    plan = _library(gate.plan_gate, gate.GateRequest(**{k: v for k, v in ctx.params.items() if k != "preset_name"}, preset=preset_name))
+    console.print(f"gate: {len(plan.cases)} cases, {rounds} rounds, base {base} ({plan.commit[:10]}) against the working "
+                  f"tree {plan.root}; raw samples -> {plan.folder / 'gate.json'}")
+    with interrupts_as_keyboard_interrupt() as received, _bar() as bar:
+        task = bar.add_task("rounds", total=rounds)
         try:
-            with gate.worktree(root, commit) as base_tree:
-                with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                              console=console, transient=False) as progress:
-                    task = progress.add_task("rounds", total=rounds)
-                    raw = gate.run_gate(base_tree, root, cases, threads, settings,
-                                        progress=lambda i: progress.update(task, advance=1, description=f"round {i + 1} done"))
+            found = gate.run_plan(plan, lambda i: bar.update(task, advance=1, description=f"round {i + 1} done"))
         except KeyboardInterrupt:  # the workers are killed and the base's worktree removed on the way out
-            name, code = stopped_by(received)
-            console.print(f"[yellow]interrupted ({name})[/]: no verdict; the base's worktree and the gate's processes "
-                          "are gone")
-            raise typer.Exit(code) from None
-    raw.update(base=base, base_commit=commit, current=str(root), settings=gate.asdict(settings))
-    found = gate.write_outputs(folder, raw, settings)
+            bar.stop()
+            console.print(f"[yellow]interrupted ({stopped_by(received)[0]})[/]: no verdict; the base's worktree and the "
+                          "gate's processes are gone")
+            raise typer.Exit(stopped_by(received)[1]) from None
+    _gate_verdicts(found, f"bench gate: base {base} ({plan.commit[:10]}) -> working tree, {rounds} rounds, factor "
+                          f"{factor}, alpha {alpha}")
+
+
+def _gate_verdicts(found: list[Any], title: str) -> None:
+    from . import gate
+    from .verdicts import FAILING, STYLE
+
     rows = gate.rows(found)
-    table = Table(title=f"bench gate: base {base} ({commit[:10]}) -> working tree, {rounds} rounds, factor {factor}, alpha {alpha}")
+    table = Table(title=title)
     for col in rows[0]:
         table.add_column(col, justify="left" if col in ("case", "verdict") else "right")
-    for row in rows:
-        style = "red" if row["verdict"].split(":")[0] in gate.FAILING else ("green" if row["verdict"] == "faster" else None)
-        table.add_row(*(escape(v) for v in row.values()), style=style)
+    for row, v in zip(rows, found):
+        table.add_row(*(escape(x) for x in row.values()), style=STYLE[v.verdict] or None)
     console.print(table)
-    failing = [v for v in found if v.verdict in gate.FAILING]
+    failing = [v for v in found if v.verdict in FAILING]
     if failing:
-        console.print(f"[red]gate failed[/]: {', '.join(f'{v.case} ({v.verdict})' for v in failing)}")
+        console.print(f"[red]gate failed[/]: {', '.join(f'{v.case} ({v.verdict}: {v.reason})' for v in failing)}")
         raise typer.Exit(1)
     console.print("gate passed: no case significantly slower, MACs equal, memory within bounds")

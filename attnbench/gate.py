@@ -32,11 +32,13 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import verdicts
 from .schema import Case
+from .verdicts import BETTER, SAME, WORSE
 
 WORKER = Path(__file__).with_name("gate_worker.py")
 # glibc's malloc moves its mmap threshold as a process frees large blocks, so whether a
@@ -121,7 +123,8 @@ class Verdict:
     ci: tuple[float, float]
     p_slower: float
     p_faster: float
-    verdict: str  # slower | faster | same | macs differ | memory grew | failed
+    verdict: str  # better | same | worse (attnbench.verdicts)
+    reason: str = ""  # for better and worse: faster, slower, macs differ, memory grew
     detail: str = ""
 
 
@@ -138,25 +141,26 @@ def decide(name: str, ratios: list[float], base_ms: float, current_ms: float, se
     p_slower = signed_rank_p(logs)
     p_faster = signed_rank_p([-x for x in logs])
     if p_slower < settings.alpha and ratio > settings.factor:
-        verdict = "slower"
+        verdict, reason = WORSE, "slower"
     elif p_faster < settings.alpha and ratio < 1 / settings.factor:
-        verdict = "faster"
+        verdict, reason = BETTER, "faster"
     else:
-        verdict = "same"
-    return Verdict(name, base_ms, current_ms, ratio, bootstrap_ci(ratios), p_slower, p_faster, verdict)
+        verdict, reason = SAME, ""
+    return Verdict(name, base_ms, current_ms, ratio, bootstrap_ci(ratios), p_slower, p_faster, verdict, reason)
 
 
 def exact_checks(verdict: Verdict, base: dict[str, Any], cur: dict[str, Any], mem_tol: float) -> Verdict:
     """MACs must be equal, peak memory may not grow past ``mem_tol``: a verdict that says so first."""
     if base.get("macs") != cur.get("macs"):
-        verdict.verdict, verdict.detail = "macs differ", f"MACs {base.get('macs')} -> {cur.get('macs')}"
+        verdict.verdict, verdict.reason = WORSE, "macs differ"
+        verdict.detail = f"MACs {base.get('macs')} -> {cur.get('macs')}"
     elif base.get("peak_bytes") and cur.get("peak_bytes", 0) > base["peak_bytes"] * (1 + mem_tol):
-        verdict.verdict = "memory grew"
+        verdict.verdict, verdict.reason = WORSE, "memory grew"
         verdict.detail = f"peak {base['peak_bytes'] / 2**20:.1f} -> {cur['peak_bytes'] / 2**20:.1f} MiB"
     return verdict
 
 
-FAILING = ("slower", "macs differ", "memory grew", "failed")
+FAILING = verdicts.FAILING
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -330,7 +334,8 @@ def verdicts(raw: dict[str, Any], settings: Settings) -> list[Verdict]:
 def rows(found: list[Verdict]) -> list[dict[str, str]]:
     return [{"case": v.case, "base ms": f"{v.base_ms:.3g}", "current ms": f"{v.current_ms:.3g}",
              "ratio [95% CI]": f"{v.ratio:.3f} [{v.ci[0]:.3f}, {v.ci[1]:.3f}]",
-             "p (slower)": f"{v.p_slower:.4f}", "verdict": v.verdict + (f": {v.detail}" if v.detail else "")}
+             "p (slower)": f"{v.p_slower:.4f}", "verdict": v.verdict + (f" ({v.reason}" if v.reason else "")
+             + (f": {v.detail}" if v.detail else "") + (")" if v.reason else "")}
             for v in found]
 
 
@@ -345,3 +350,67 @@ def write_outputs(folder: Path, raw: dict[str, Any], settings: Settings) -> list
     lines += ["| " + " | ".join(r.values()) + " |" for r in table]
     (folder / "gate.md").write_text("\n".join(lines) + "\n")
     return found
+
+
+@dataclass
+class GateRequest:
+    """What `bench gate` times: one field per option (see its help)."""
+
+    base: str
+    preset: str = "ci"
+    methods: list[str] | None = None
+    resolution: int | None = None
+    rounds: int = 10
+    factor: float = 1.05
+    alpha: float = 0.01
+    threads: int | None = None
+    out: Path | None = None
+
+
+@dataclass
+class GatePlan:
+    request: GateRequest
+    settings: Settings
+    cases: list[Case]
+    threads: int
+    root: Path
+    commit: str
+    folder: Path
+
+
+def plan_gate(request: GateRequest) -> GatePlan:
+    """The cases, the repository, the base commit and the output folder; UsageError for bad input."""
+    from .errors import UsageError, usage_errors
+    from .measure.case import check_case
+    from .sweep import ModelPreset, build_cases, preset
+    from .sweep.plan import split_methods
+
+    with usage_errors():
+        settings = Settings(rounds=request.rounds, factor=request.factor, alpha=request.alpha)
+        settings.check()
+        chosen = preset(request.preset)
+        if isinstance(chosen, ModelPreset):
+            raise UsageError(f"--preset {request.preset} holds whole networks; the gate times layer cases (e.g. --preset ci)")
+        specs = split_methods(request.methods) if request.methods else list(chosen.specs)
+        threads = chosen.threads if request.threads is None else request.threads
+        resolutions = (request.resolution,) if request.resolution else (chosen.resolutions or (512,))
+        cases = build_cases(specs, resolutions, device="cpu", threads=threads, **chosen.shape())
+        if not cases:
+            raise UsageError("no cases to time; give --methods or a preset with cases")
+        for case in cases:
+            check_case(case)
+        root = repo_root(Path.cwd())
+        commit = resolve_ref(root, request.base)
+        if request.out is not None and (Path(request.out) / "gate.json").exists():
+            raise UsageError(f"{Path(request.out) / 'gate.json'} exists already; give a new --out")
+    folder = Path(request.out) if request.out else Path(tempfile.mkdtemp(prefix="bench-gate-"))
+    return GatePlan(request, settings, cases, threads, root, commit, folder)
+
+
+def run_plan(plan: GatePlan, progress: Callable[[int], None] | None = None) -> list[Verdict]:
+    """The rounds (the base's worktree made and removed around them), then gate.json and gate.md
+    in the plan's folder; the verdicts. An interrupt kills the workers and removes the worktree."""
+    with worktree(plan.root, plan.commit) as base_tree:
+        raw = run_gate(base_tree, plan.root, plan.cases, plan.threads, plan.settings, progress=progress)
+    raw.update(base=plan.request.base, base_commit=plan.commit, current=str(plan.root), settings=asdict(plan.settings))
+    return write_outputs(plan.folder, raw, plan.settings)

@@ -223,3 +223,17 @@ def test_no_help_text_loses_its_brackets_to_markup():
                 checked += 1
                 assert text.replace("\\[", "[") in shown.replace("\\[", "["), (name, param.name, text)
     assert checked >= 1
+
+
+def test_the_command_line_is_a_face():
+    """Each command parses, makes one library call and renders: the CLI stays small (at most
+    600 lines) and no function in it grows past 40 lines (its options included)."""
+    import ast
+
+    from conftest import ROOT
+
+    source = (ROOT / "attnbench" / "cli.py").read_text()
+    assert len(source.splitlines()) <= 600
+    long = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 40}
+    assert long == {}

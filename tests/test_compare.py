@@ -43,9 +43,9 @@ def compare(base, cur, *extra):
 def test_a_run_compared_with_itself_passes(measured):
     result = compare(measured, measured)
     assert result.exit_code == 0, result.output
-    assert "Worse" not in result.output and "passed" in result.output
+    assert "worse" not in result.output and "passed" in result.output
     rows = compare_runs(load_results(measured), load_results(measured))
-    assert {r.verdict for r in rows} == {"Same"} and len(rows) == 6
+    assert {r.verdict for r in rows} == {"same"} and len(rows) == 6
 
 
 def slow(mechanism, factor):
@@ -62,7 +62,7 @@ def test_a_30_percent_slowdown_of_one_mechanism_fails(measured, tmp_path):
     result = compare(measured, cur, "--latency-floor", "0")
     assert result.exit_code == 1, result.output
     rows = compare_runs(load_results(measured), load_results(cur), floor_ms=0.0)
-    worse = {r.case.split(" @")[0] for r in rows if r.verdict == "Worse"}
+    worse = {r.case.split(" @")[0] for r in rows if r.verdict == "worse"}
     assert worse == {"window:window_size=4"}
     assert "FAILED" in result.output
 
@@ -90,8 +90,8 @@ def test_a_slower_full_attention_moves_only_its_own_verdict(measured, tmp_path):
     result = compare(measured, cur, "--latency-floor", "0")
     assert result.exit_code == 1
     rows = compare_runs(load_results(measured), load_results(cur), floor_ms=0.0)
-    assert {r.case.split(" @")[0] for r in rows if r.verdict == "Worse"} == {"full"}
-    assert {r.verdict for r in rows if not r.case.startswith("full")} == {"Same"}
+    assert {r.case.split(" @")[0] for r in rows if r.verdict == "worse"} == {"full"}
+    assert {r.verdict for r in rows if not r.case.startswith("full")} == {"same"}
 
 
 def test_a_change_in_macs_fails_unless_accepted(measured, tmp_path):
@@ -137,8 +137,8 @@ def test_new_and_missing_cases_are_listed(measured, tmp_path):
     result = compare(measured, doctored(measured, tmp_path / "cur", rename))
     assert result.exit_code == 0
     rows = compare_runs(load_results(measured), load_results(tmp_path / "cur"))
-    assert [r.case for r in rows if r.verdict == "New"] == ["axial:stripe=2 @ 64px float32 fwd cpu"]
-    assert [r.case for r in rows if r.verdict == "Missing"] == ["axial @ 64px float32 fwd cpu"]
+    assert [r.case for r in rows if r.verdict == "new"] == ["axial:stripe=2 @ 64px float32 fwd cpu"]
+    assert [r.case for r in rows if r.verdict == "missing"] == ["axial @ 64px float32 fwd cpu"]
 
 
 def test_csv_results_compare_like_jsonl(measured):
@@ -186,8 +186,8 @@ def test_labels_name_the_key_fields_that_vary(measured, tmp_path):
         return r
 
     rows = compare_runs(load_results(measured), load_results(doctored(measured, tmp_path / "cur", other_heads_for_axial)))
-    new = [r.case for r in rows if r.verdict == "New"]
-    missing = [r.case for r in rows if r.verdict == "Missing"]
+    new = [r.case for r in rows if r.verdict == "new"]
+    missing = [r.case for r in rows if r.verdict == "missing"]
     assert new and all("heads=4" in c for c in new) and all("heads=2" in c for c in missing)
     assert not set(new) & set(missing)  # one label is never both New and Missing
 

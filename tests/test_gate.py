@@ -64,14 +64,14 @@ def test_a_rounds_ratio_pairs_bursts_so_the_machines_speed_cancels():
 def test_a_consistent_slowdown_is_found_and_small_or_mixed_ones_are_not():
     slower = [gate.round_ratio(_pairs(10.0, 1.1, d)) for d in DRIFT]  # 10% slower in every round
     v = gate.decide("window", slower, 10.0, 11.0, gate.Settings())
-    assert v.verdict == "slower" and v.ratio == pytest.approx(1.1)
+    assert (v.verdict, v.reason) == ("worse", "slower") and v.ratio == pytest.approx(1.1)
     assert v.p_slower == 1 / 1024 and v.ci[0] > 1.05
     small = [1.03] * 10  # significant, but under the minimum effect
     assert gate.decide("a", small, 10.0, 10.3, gate.Settings()).verdict == "same"
     mixed = [1.2 if i % 2 else 0.9 for i in range(10)]
     v = gate.decide("b", mixed, 10.0, 10.5, gate.Settings())
     assert v.verdict == "same" and v.p_slower > 0.01
-    assert gate.decide("c", [0.8] * 10, 10.0, 8.0, gate.Settings()).verdict == "faster"
+    assert gate.decide("c", [0.8] * 10, 10.0, 8.0, gate.Settings()).reason == "faster"
 
 
 class _Worker:
@@ -114,8 +114,8 @@ def test_a_case_stops_once_its_ratio_is_known_or_its_time_is_spent(monkeypatch, 
 def test_macs_and_memory_are_compared_exactly():
     v = gate.decide("x", [1.0] * 10, 1.0, 1.0, gate.Settings())
     assert gate.exact_checks(v, {"macs": 10, "peak_bytes": 100}, {"macs": 10, "peak_bytes": 101}, 0.02).verdict == "same"
-    assert gate.exact_checks(v, {"macs": 10, "peak_bytes": 100}, {"macs": 10, "peak_bytes": 103}, 0.02).verdict == "memory grew"
-    assert gate.exact_checks(v, {"macs": 10, "peak_bytes": 100}, {"macs": 11, "peak_bytes": 100}, 0.02).verdict == "macs differ"
+    assert gate.exact_checks(v, {"macs": 10, "peak_bytes": 100}, {"macs": 10, "peak_bytes": 103}, 0.02).reason == "memory grew"
+    assert gate.exact_checks(v, {"macs": 10, "peak_bytes": 100}, {"macs": 11, "peak_bytes": 100}, 0.02).reason == "macs differ"
 
 
 # -- a whole gate run ----------------------------------------------------------------------------
@@ -159,13 +159,13 @@ def test_a_planted_slowdown_fails_the_gate_and_the_unchanged_case_passes(scratch
     assert result.exit_code == 1, result.output
     raw = json.loads((tmp_path / "g" / "gate.json").read_text())
     found = {v.case: v for v in gate.verdicts(raw, gate.Settings(rounds=5, alpha=0.05, factor=1.3))}
-    assert found["window:window_size=4"].verdict == "slower" and found["window:window_size=4"].ratio > 2
+    assert found["window:window_size=4"].reason == "slower" and found["window:window_size=4"].ratio > 2
     assert found["full"].verdict == "same"
     assert [r["order"] for r in raw["rounds"]][:2] == [["base", "current"], ["current", "base"]]
     pairs = raw["rounds"][0]["cases"][0]
     assert len(pairs) >= gate.Settings().min_pairs and all(p["base"] and p["current"] for p in pairs)
     assert raw["rounds"][0]["exact"]["base"][0]["macs"] == raw["rounds"][0]["exact"]["current"][0]["macs"] > 0
-    assert (tmp_path / "g" / "gate.md").read_text().count("| slower") == 1
+    assert (tmp_path / "g" / "gate.md").read_text().count("| worse (slower)") == 1
     assert "window:window_size=4" in result.output and "gate failed" in result.output
     # the base's worktree is gone
     listed = subprocess.run(["git", "-C", str(scratch_repo), "worktree", "list"], capture_output=True, text=True).stdout
@@ -259,4 +259,4 @@ def test_in_a_plugin_repository_each_side_times_its_own_plugin_code(tmp_path, mo
     assert result.exit_code == 1, result.output
     raw = json.loads((tmp_path / "g" / "gate.json").read_text())
     (found,) = gate.verdicts(raw, gate.Settings(rounds=5, alpha=0.05, factor=1.3))
-    assert found.verdict == "slower" and found.ratio > 1.3
+    assert (found.verdict, found.reason) == ("worse", "slower") and found.ratio > 1.3

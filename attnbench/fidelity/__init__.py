@@ -8,4 +8,4 @@
 """
 
 from .metrics import *  # noqa: F401,F403 - the metrics' names, as `attnbench.fidelity` had them
-from .study import StudyRequest, run_study, write_reports  # noqa: F401
+from .study import StudyRequest, run_study  # noqa: F401

@@ -165,24 +165,6 @@ def run_study(request: StudyRequest, on_image: Callable[[str, int, int], None] =
             on_image(name, done, len(paths))
             writer.writerows(bounded_value(fd.study_image, (study, path, name), "bench fidelity", bound, request.timeout))
             f.flush()  # each image's rows land on disk as it finishes
+    from ..report.fidelity_figures import write_reports
+
     return write_reports(out, records, request.svg)
-
-
-def write_reports(out: Path, records: list[dict] | None = None, svg: bool = False) -> tuple[Any, list[Path]]:
-    """summary.md and the figures of a fidelity folder from its fidelity.csv; the latency
-    figures from ``records`` (by default the results its fidelity.json names, where they still
-    are). The rows and the files written."""
-    from ..report import fidelity_figures as report
-    from ..report.compare import load_results
-
-    out = Path(out)
-    df = report.read(out)
-    about_path = out / "fidelity.json"
-    about = json.loads(about_path.read_text()) if about_path.exists() else {}
-    if records is None and about.get("results") and Path(about["results"]).exists():
-        records = load_results(about["results"]).records
-    (out / "summary.md").write_text(report.summary_markdown(df, about))
-    written = [out / "summary.md"] + report.plot_mass_vs_keys(df, out, svg) + report.plot_error_vs_keys(df, out, svg)
-    if records:
-        written += report.plot_mass_vs_latency(df, records, out, svg) + report.plot_error_vs_latency(df, records, out, svg)
-    return df, [out / "fidelity.csv"] + written

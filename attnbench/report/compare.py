@@ -22,6 +22,7 @@ import pandas as pd
 from ..schema import RESULT_KEY as KEY
 from ..schema import Result, check_record, key_of, machine_of
 from ..sweep import read_lines
+from ..verdicts import BETTER, MISSING, NEW, SAME, VERDICTS, WORSE
 from .table import number
 
 NEEDED = ("macs", "latency_ms", "peak_mem_mb", "reference", "baseline")
@@ -115,7 +116,7 @@ def environment_differences(base: RunResults, cur: RunResults) -> list[str]:
 @dataclass
 class Row:
     case: str
-    verdict: str  # Better | Same | Worse | New | Missing
+    verdict: str  # attnbench.verdicts: better | same | worse | new | missing
     notes: list[str] = field(default_factory=list)
     fails: bool = False
 
@@ -157,9 +158,9 @@ def compare_runs(
     for key, c in cur_by.items():
         b = base_by.get(key)
         if b is None:
-            rows.append(Row(_label(c, varying), "New", ["not in the baseline"]))
+            rows.append(Row(_label(c, varying), NEW, ["not in the baseline"]))
             continue
-        row = Row(_label(c, varying), "Same")
+        row = Row(_label(c, varying), SAME)
         worse = better = False
         if b["status"] == "ok" and c["status"] != "ok":
             row.notes.append(f"was ok, now {c['status']}: {str(c.get('error', ''))[:120]}")
@@ -191,11 +192,11 @@ def compare_runs(
                     row.fails = worse = True
                 elif sign < 0:
                     better = True
-        row.verdict = "Worse" if worse else "Better" if better else "Same"
+        row.verdict = WORSE if worse else BETTER if better else SAME
         rows.append(row)
     for key, b in base_by.items():
         if key not in cur_by:
-            rows.append(Row(_label(b, varying), "Missing", ["in the baseline only"]))
+            rows.append(Row(_label(b, varying), MISSING, ["in the baseline only"]))
     return rows
 
 
@@ -222,3 +223,38 @@ def _latency(b, c, base_gemm, cur_gemm, tol, floor_ms):
 
 def gate_failed(rows: list[Row]) -> bool:
     return any(r.fails for r in rows)
+
+
+@dataclass
+class Comparison:
+    """Two result sets matched case by case: a row per case, and how their runs differ."""
+
+    base: Any
+    current: Any
+    rows: list[Row]
+    notes: list[str]  # how the runs' environments differ
+
+    @property
+    def failed(self) -> bool:
+        return gate_failed(self.rows)
+
+    def counts(self) -> dict[str, int]:
+        return {v: n for v in VERDICTS if (n := sum(r.verdict == v for r in self.rows))}
+
+
+def compare_folders(baseline: Path | str, current: Path | str, latency_tol: float = 0.25, latency_floor: float = 1.0,
+                    mem_tol: float = 0.02, accept_flops: bool = False) -> Comparison:
+    """`bench compare` as a library call; UsageError for tolerances below 0, results that cannot
+    be read, or two sets that share no case (nothing compared must not read as passed)."""
+    from ..errors import UsageError, usage_errors
+
+    for name, value in (("--latency-tol", latency_tol), ("--latency-floor", latency_floor), ("--mem-tol", mem_tol)):
+        if value < 0:
+            raise UsageError(f"{name} = {value} must be >= 0")
+    with usage_errors():
+        base, cur = load_results(baseline), load_results(current)
+    rows = compare_runs(base, cur, latency_tol, latency_floor, mem_tol, accept_flops)
+    if all(r.verdict in (NEW, MISSING) for r in rows):
+        differ = "; ".join(key_differences(base, cur)) or "their mechanisms or parameters"
+        raise UsageError(f"{base.source} and {cur.source} share no case, so nothing was compared; they differ in {differ}")
+    return Comparison(base, cur, rows, environment_differences(base, cur))

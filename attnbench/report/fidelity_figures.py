@@ -8,6 +8,7 @@ rows that differ in a setting (grid, dim, heads) are refused, never averaged.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +298,22 @@ def _setting_title(df: pd.DataFrame, what: str) -> str:
     r = df.iloc[0]
     return (f"{what}\n{df['image'].nunique()} images at {r['resolution']} px, {r['height']}x{r['width']} tokens, "
             f"dim {r['dim']}, {r['heads']} heads; error bars: IQR over images")
+
+
+def write_reports(out: Path, records: list[dict] | None = None, svg: bool = False) -> tuple[Any, list[Path]]:
+    """summary.md and the figures of a fidelity folder from its fidelity.csv; the latency
+    figures from ``records`` (by default the results its fidelity.json names, where they still
+    are). The rows and the files written."""
+    from .compare import load_results
+
+    out = Path(out)
+    df = read(out)
+    about_path = out / "fidelity.json"
+    about = json.loads(about_path.read_text()) if about_path.exists() else {}
+    if records is None and about.get("results") and Path(about["results"]).exists():
+        records = load_results(about["results"]).records
+    (out / "summary.md").write_text(summary_markdown(df, about))
+    written = [out / "summary.md"] + plot_mass_vs_keys(df, out, svg) + plot_error_vs_keys(df, out, svg)
+    if records:
+        written += plot_mass_vs_latency(df, records, out, svg) + plot_error_vs_latency(df, records, out, svg)
+    return df, [out / "fidelity.csv"] + written
