@@ -114,7 +114,7 @@ def test_a_mechanism_from_standard_input_runs_on_ray(tmp_path):
 
 def test_the_fidelity_study_is_a_library_call(tmp_path):
     from attnbench.fidelity import StudyRequest, run_study
-    from attnbench.report.content import sample_image_path
+    from attnbench.content import sample_image_path
 
     seen = []
     request = StudyRequest(methods=["full", "sra:sr_ratio=2", "window:window_size=4"], image=[sample_image_path()],

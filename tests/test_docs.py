@@ -73,3 +73,13 @@ def test_a_docs_example_runs_as_a_script(page, code, tmp_path):
 
 if __name__ == "__main__":
     (ROOT / "docs" / "commands.md").write_text(commands_page())
+
+
+def test_the_report_package_imports_no_torch():
+    """report/ turns records into tables and figures and computes nothing else: importing all
+    of it leaves torch unimported (maps are computed in attnbench.maps, tokens in attnbench.content)."""
+    names = sorted(p.stem for p in (ROOT / "attnbench" / "report").glob("*.py") if p.stem != "__init__")
+    code = "import sys\n" + "".join(f"import attnbench.report.{n}\n" for n in names) + "print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False" and len(names) >= 6

@@ -14,7 +14,7 @@ from attnbench import fidelity as fd
 from attnbench.attention import AttentionMap, build_attention, list_attentions
 from attnbench.cli import app
 from attnbench.report import fidelity_figures as report
-from attnbench.report.content import content_tokens, load_square, sample_image_path, sample_images
+from attnbench.content import content_tokens, load_square, sample_image_path, sample_images
 
 runner = CliRunner()
 SMALL = fd.Settings(resolution=256, stride=16, dim=64, heads=2)  # 16 x 16 tokens
@@ -448,7 +448,7 @@ def _separate_qkv_plugin():
 def test_a_plugin_with_separate_q_k_v_linears_gets_the_built_ins_proxy(tokens):
     """Its q, k, v under content weights equal full attention's (one sharpness rule for queries
     and keys alike), to float64 rounding."""
-    from attnbench.report.content import use_content_weights
+    from attnbench.content import use_content_weights
 
     plugin, _ = _separate_qkv_plugin()
     mine = use_content_weights(plugin(SMALL.dim, SMALL.heads)).double()
@@ -460,7 +460,7 @@ def test_a_plugin_with_separate_q_k_v_linears_gets_the_built_ins_proxy(tokens):
 def test_every_built_in_gets_one_proxy(tokens):
     """q = s x, k = s x, v = x per head for every built-in's declared projections, s the one
     sharpness (2 at 2 heads); SRA's keys and values pass its norm, so only its q is held."""
-    from attnbench.report.content import sharpness
+    from attnbench.content import sharpness
 
     s = sharpness(SMALL.heads)
     assert s == pytest.approx(2.0) and sharpness(8) == pytest.approx(4.0)
@@ -480,7 +480,7 @@ def test_a_plugin_without_declared_projections_is_told_what_to_declare(tmp_path)
     import torch.nn as nn
 
     from attnbench.attention import AttentionBase, register_attention
-    from attnbench.report.content import use_content_weights
+    from attnbench.content import use_content_weights
 
     @register_attention("gated_test", "a mechanism with a gate Linear and no projections declared (a test's plugin)", [])
     class Gated(AttentionBase):

@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from attnbench.cli import app
-from attnbench.report.content import content_tokens, load_image, patch_features
-from attnbench.report.viz import Scene, build_for_viz, default_methods, head_map, make_figure, pattern_stats, to_tokens
+from attnbench.content import content_tokens, load_image, patch_features
+from attnbench.maps import Scene, build_for_viz, default_methods, head_map, make_figure, pattern_stats, to_tokens
 
 runner = CliRunner()
 STRIDE = 16
@@ -173,7 +173,7 @@ def test_viz_loads_a_checkpoint(tmp_path):
     torch.save({"model": {f"layers.0.blocks.0.attn.{k}": v for k, v in trained.state_dict().items()}}, ckpt)
     result = viz("--resolution", "128", "--out", str(tmp_path), "-m", "window:window_size=4,full", "--checkpoint", str(ckpt))
     assert result.exit_code == 0, result.output
-    from attnbench.report.viz import load_checkpoint
+    from attnbench.maps import load_checkpoint
 
     module = build_for_viz("window:window_size=4", 64, 2, "content", load_checkpoint(ckpt))
     assert torch.equal(module.relative_position_bias_table, trained.relative_position_bias_table)

@@ -158,7 +158,7 @@ def measure(module: AttentionBase, tokens: Tensor, queries: list[tuple[int, int]
 def build(spec: str, kind: str, settings: Settings, checkpoint: dict | None = None) -> AttentionBase | None:
     """The mechanism in float64 with ``kind`` weights: content, random, or checkpoint (None
     when the checkpoint does not hold this mechanism's tensors)."""
-    from ..report.viz import build_for_viz
+    from ..maps import build_for_viz
 
     if kind == "checkpoint":
         module = build_for_viz(spec, settings.dim, settings.heads, "random", checkpoint, settings.seed, partial="skip")
@@ -175,7 +175,7 @@ def check_specs(specs: list[str], settings: Settings, required: bool,
     and a spec the grid cannot take, raise ValueError; so does one without ``token_qkv``
     (or, for ``content`` weights, without declared projections) when it was asked for
     (``required``); from the default set it is left out with a note."""
-    from ..report.content import declared_projections
+    from ..content import declared_projections
 
     keep, notes = [], []
     H, W = settings.grid
@@ -309,8 +309,8 @@ def run(measurements: list[tuple[str, str, AttentionBase]], images: list[Path], 
         on_step: Callable[[str], None] = lambda s: None, names: list[str] | None = None) -> list[dict]:
     """Every measurement (see :meth:`Study.plan`) on every image, each row handed to ``on_row`` as it
     finishes. With a ``network``, the tokens are its features; else the image's statistics."""
-    from ..report.content import content_tokens, load_square
-    from ..report.viz import mechanism_code
+    from ..content import content_tokens, load_square
+    from ..maps import mechanism_code
 
     rows = []
     queries = query_positions(settings.grid, settings.max_queries, settings.seed)
@@ -348,12 +348,12 @@ class Study:
     def checkpoint(self) -> dict | None:
         """The attention checkpoint, read where it is used (a state dict sent to another process
         would take a file descriptor per tensor)."""
-        from ..report.viz import load_checkpoint
+        from ..maps import load_checkpoint
 
         return load_checkpoint(self.checkpoint_path) if self.checkpoint_path and not self.model else None
 
     def network(self) -> Network | None:
-        from ..report.viz import read_state_dict
+        from ..maps import read_state_dict
 
         state = read_state_dict(self.checkpoint_path) if self.checkpoint_path else None
         return network_for(self.model, self.stage, state) if self.model else None
@@ -362,7 +362,7 @@ class Study:
         """(weights kind, spec, module) for each measurement of an image, each module built once:
         every spec with content and random weights, those the checkpoint fits with it, and for
         kind ``network`` the network's own attention."""
-        from ..report.viz import mechanism_code
+        from ..maps import mechanism_code
 
         out, checkpoint = [], self.checkpoint
         for kind in self.kinds:
@@ -386,7 +386,7 @@ def network_shape(model: str, stage: int, checkpoint_path: str | None) -> tuple[
 def check_study(study: Study, required: bool) -> tuple[tuple[str, ...], list[str], int]:
     """The specs the study can measure, notes on those left out, and the measurements per
     image; a ValueError for a spec the grid cannot take or a checkpoint that fits nothing."""
-    from ..report.viz import mechanism_code
+    from ..maps import mechanism_code
 
     kept, notes = [], []
     for spec in study.specs:

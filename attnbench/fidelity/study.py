@@ -73,7 +73,7 @@ def _path(p: Path | str | None) -> str | None:
 
 
 def _image_paths(request: StudyRequest) -> list[Path]:
-    from ..report.content import image_size, images_in, sample_images
+    from ..content import image_size, images_in, sample_images
 
     if request.images not in (None, "sample"):
         raise UsageError(f"unknown --images '{request.images}'; the one set is 'sample' (use --image for your own files)")
@@ -98,7 +98,7 @@ def _folder(request: StudyRequest) -> Path:
 
 
 def _kinds(request: StudyRequest) -> tuple[str, ...]:
-    from ..report.viz import load_checkpoint, read_state_dict
+    from ..maps import load_checkpoint, read_state_dict
 
     kinds = list(dict.fromkeys(request.weights or ([] if request.checkpoint or request.model else ["content"])))
     for kind in kinds:
