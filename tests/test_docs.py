@@ -83,3 +83,13 @@ def test_the_report_package_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False" and len(names) >= 6
+
+
+def test_no_import_circles_in_the_registries():
+    """The registries know nothing of what registers in them: the zoo's registry imports no
+    plugin loader, the models' registry no model file (each registers itself on import)."""
+    for path, banned in (("attention/registry.py", ("plugins",)), ("backbones/registry.py", ("biformer", "stl", "swin"))):
+        text = (ROOT / "attnbench" / path).read_text()
+        imports = re.findall(r"^\s*(?:from\s+(\S+)\s+import\s+([\w, ]+)|import\s+(\S+))", text, re.M)
+        named = {part.strip() for a, b, c in imports for part in (a, b, c) if part for part in part.split(",")}
+        assert not any(b in n.split(".") for n in named for b in banned), (path, named)

@@ -26,6 +26,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from . import registry
+
 ENTRY_POINT_GROUP = "attnbench.attentions"
 
 _loaded: dict[str, str] = {}  # plugin key -> module name
@@ -80,11 +82,9 @@ def by_value(names: Iterable[str]) -> list[str]:
     defined in ``__main__`` (a notebook cell, ``python -c``, a script on standard input). Each
     key carries the registration (class, closed forms, rules) pickled by value with
     cloudpickle, so the measuring processes register the very same mechanism."""
-    from .registry import attention_info
-
     keys = []
     for name in sorted(set(names)):
-        info = attention_info(name)
+        info = registry.attention_info(name)
         if info.cls.__module__ != "__main__":
             continue
         import cloudpickle
@@ -96,10 +96,8 @@ def by_value(names: Iterable[str]) -> list[str]:
 def _register_by_value(key: str) -> None:
     import pickle
 
-    from .registry import _REGISTRY
-
     info = pickle.loads(base64.b64decode(key[len(BY_VALUE):]))  # cloudpickle's output loads with pickle
-    _REGISTRY[info.name] = info
+    registry.add(info)
 
 
 def plugin_key(plugin: str) -> str:
@@ -167,18 +165,15 @@ def plugins_forgotten_after() -> Iterator[None]:
     """Mechanisms registered and plugins loaded inside the block are forgotten when it ends
     (the registry as it was, the plugins' modules dropped from ``sys.modules``): for tests, or
     a notebook, that load plugins for a while."""
-    from . import registry
-
     load_entry_points()  # installed plugins load once per process: they belong to what is kept
-    mechanisms, loaded = dict(registry._REGISTRY), dict(_loaded)
+    mechanisms, loaded = registry.snapshot(), dict(_loaded)
     try:
         yield
     finally:
         for key, name in _loaded.items():
             if key not in loaded:
                 sys.modules.pop(name, None)  # loaded again, it is imported afresh and registers again
-        registry._REGISTRY.clear()
-        registry._REGISTRY.update(mechanisms)
+        registry.restore(mechanisms)
         _loaded.clear()
         _loaded.update(loaded)
 
@@ -189,12 +184,10 @@ def provenance(names: Iterable[str]) -> dict[str, dict]:
     its content) and the distribution that installed it (name and version), where any did."""
     from importlib.metadata import packages_distributions, version
 
-    from .registry import attention_info
-
     owners = packages_distributions()
     out = {}
     for name in sorted(set(names)):
-        info = attention_info(name)
+        info = registry.attention_info(name)
         entry: dict = {"defaults": info.defaults()}
         module = sys.modules.get(info.cls.__module__)
         top = info.cls.__module__.partition(".")[0]
@@ -230,3 +223,6 @@ def provenance_changes(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
             changes.append(f"mechanism {name}'s distribution changed ({was.get('distribution')} there, "
                            f"{now.get('distribution')} now)")
     return changes
+
+
+registry.before_lookup(load_entry_points)

@@ -220,10 +220,34 @@ def list_attentions() -> list[AttentionInfo]:
     return list(_REGISTRY.values())
 
 
-def _load_installed_plugins() -> None:
-    from .plugins import load_entry_points  # registers on first call only
+_BEFORE_LOOKUP: list[Callable[[], None]] = []  # run before the registry is read: plugins.py adds its entry points
 
-    load_entry_points()
+
+def before_lookup(load: Callable[[], None]) -> None:
+    """Call ``load`` (idempotent) before every read of the registry: how installed plugins,
+    which register on import, are in it by the first lookup without the registry knowing them."""
+    _BEFORE_LOOKUP.append(load)
+
+
+def _load_installed_plugins() -> None:
+    for load in _BEFORE_LOOKUP:
+        load()
+
+
+def add(info: AttentionInfo) -> None:
+    """Register a mechanism's whole declaration as it is (one sent by value from another process)."""
+    _REGISTRY[info.name] = info
+
+
+def snapshot() -> dict[str, AttentionInfo]:
+    """The registry as it is now, for :func:`restore`."""
+    return dict(_REGISTRY)
+
+
+def restore(saved: dict[str, AttentionInfo]) -> None:
+    """The registry as :func:`snapshot` saw it: what was registered since is forgotten."""
+    _REGISTRY.clear()
+    _REGISTRY.update(saved)
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:

@@ -40,17 +40,19 @@ def register_model(name: str, description: str, reference: str = "", params: int
     return decorate
 
 
-def _load() -> None:
-    from . import biformer, stl, swin  # noqa: F401 - registration on import
+_FAMILIES: dict[str, Callable[..., nn.Module]] = {}  # a name prefix -> the builder of its specs (stl:SPEC)
+
+
+def register_family(prefix: str, build: Callable[..., nn.Module]) -> None:
+    """Names ``PREFIX + spec`` are built by ``build(spec, **overrides)`` (the STL network with any mechanism)."""
+    _FAMILIES[prefix] = build
 
 
 def list_models() -> list[ModelInfo]:
-    _load()
     return list(_MODELS.values())
 
 
 def model_info(name: str) -> ModelInfo:
-    _load()
     if name not in _MODELS:
         raise ValueError(f"unknown model '{name}'; known: {', '.join(_MODELS)}, or {STL_PREFIX}SPEC "
                          "(the STL network with any mechanism, e.g. stl:dilated:window_size=7)")
@@ -60,11 +62,9 @@ def model_info(name: str) -> ModelInfo:
 def build_model(name_or_spec: str, **overrides: Any) -> nn.Module:
     """An ``nn.Module`` that takes ``(B, 3, H, W)`` images and returns ``(B, num_classes)`` logits.
     ``overrides`` go to the builder (e.g. ``n_win=8`` for BiFormer at segmentation sizes)."""
-    _load()
-    if name_or_spec.startswith(STL_PREFIX):
-        from .stl import stl_network
-
-        return stl_network(name_or_spec[len(STL_PREFIX):], **overrides)
+    for prefix, build in _FAMILIES.items():
+        if name_or_spec.startswith(prefix):
+            return build(name_or_spec[len(prefix):], **overrides)
     info = model_info(name_or_spec)
     try:
         return info.build(**overrides)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..attention import build_attention, canonical, format_spec
 from .layers import Block, LePEAttention, run_stages
-from .registry import register_model
+from .registry import STL_PREFIX, register_family, register_model
 
 DEPTHS, DIMS, HEAD_DIM = (2, 2, 6, 2), (96, 192, 384, 768), 32
 BRA_TOPKS = (1, 4, 16)
@@ -103,3 +103,6 @@ def stl_network(spec: str, **overrides) -> STLNetwork:
                 params=28_372_552, macs_224=4_589_905_728)
 def biformer_stl(**overrides) -> STLNetwork:
     return STLNetwork("bra:n_win=7", **overrides)
+
+
+register_family(STL_PREFIX, stl_network)
