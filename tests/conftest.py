@@ -80,3 +80,12 @@ def _plugins_stay_in_their_test():
 
     with plugins_forgotten_after():
         yield
+
+
+def bench(*args):
+    """`bench ARGS` in this process (paths may be Path objects); exceptions are not swallowed."""
+    from typer.testing import CliRunner
+
+    from attnbench.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)

@@ -4,7 +4,6 @@ fidelity study's rows. A reader that renamed, dropped or rewrote a field fails h
 
 import json
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -93,3 +93,10 @@ def test_no_import_circles_in_the_registries():
         imports = re.findall(r"^\s*(?:from\s+(\S+)\s+import\s+([\w, ]+)|import\s+(\S+))", text, re.M)
         named = {part.strip() for a, b, c in imports for part in (a, b, c) if part for part in part.split(",")}
         assert not any(b in n.split(".") for n in named for b in banned), (path, named)
+
+
+def test_the_code_passes_ruff():
+    """The lint rules of pyproject.toml ([tool.ruff]) hold for the package, tests, benchmarks and examples."""
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "attnbench", "tests", "benchmarks", "examples",
+                           "bench.py"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]

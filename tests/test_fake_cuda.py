@@ -14,6 +14,7 @@ from attnbench.measure.isolate import available_memory_bytes, default_mem_limit_
 from attnbench.measure.memory import TensorMemoryTracker, peak_memory_bytes
 
 from fake_cuda import install
+from conftest import bench
 
 
 def test_a_bare_cuda_device_gets_the_current_index(fake):
@@ -180,12 +181,6 @@ def forked(fake, monkeypatch):
     forkserver._forkserver._stop()
 
 
-def bench(*args):
-    from typer.testing import CliRunner
-
-    from attnbench.cli import app
-
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])

@@ -8,20 +8,16 @@ import math
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from attnbench import fidelity as fd
 from attnbench.attention import AttentionMap, build_attention, list_attentions
-from attnbench.cli import app
 from attnbench.report import fidelity_figures as report
 from attnbench.content import content_tokens, load_square, sample_image_path, sample_images
+from conftest import bench
 
-runner = CliRunner()
 SMALL = fd.Settings(resolution=256, stride=16, dim=64, heads=2)  # 16 x 16 tokens
 
 
-def bench(*args):
-    return runner.invoke(app, list(args), catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from attnbench import gate
-from attnbench.cli import app
 from attnbench.schema import Case
-from conftest import alive, descendants, sigint_as_from_a_terminal
+from conftest import alive, bench, descendants, sigint_as_from_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(*args):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -145,6 +141,7 @@ WindowAttention.forward = _slow_forward
 '''
 
 
+@pytest.mark.slow
 def test_a_planted_slowdown_fails_the_gate_and_the_unchanged_case_passes(scratch_repo, monkeypatch, tmp_path):
     window = scratch_repo / "attnbench" / "attention" / "window.py"
     original = window.read_text()
@@ -243,6 +240,7 @@ def test_a_stopped_gate_leaves_no_worktree_and_no_process(scratch_repo):
     assert not alive(workers)
 
 
+@pytest.mark.slow
 def test_in_a_plugin_repository_each_side_times_its_own_plugin_code(tmp_path, monkeypatch):
     """Inside an installed plugin's repository (a src layout), both sides imported the installed
     copy, so a slowed working tree passed the gate (ratio 0.996)."""

@@ -9,16 +9,11 @@ import sys
 import time
 
 import pytest
-from typer.testing import CliRunner
 
-from attnbench.cli import app
-from conftest import ROOT, alive, descendants, sigint_as_from_a_terminal
-
-runner = CliRunner()
+from conftest import ROOT, alive, bench, descendants, sigint_as_from_a_terminal
 
 
-def bench(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ their case's record, with the cause's first line; the sweep goes on and the pare
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +95,7 @@ def _parent_max_rss_mib(spec: str, resolution: int, out: Path) -> float:
     return int(line[0].split()[1]) / 1024
 
 
+@pytest.mark.slow
 def test_the_parent_does_not_grow_with_the_mechanism(tmp_path):
     """sra's weight grows with sr_ratio^2 (r = 300: 64 x 64 x 300^2 x 4 bytes, 1.4 GiB): built
     in the case's process only, the parent's peak stays that of a small one."""

@@ -358,6 +358,7 @@ def test_window_attention_peak_is_a_few_activations():
     assert peak <= 7 * act + 2**16, peak / act
 
 
+@pytest.mark.slow
 def test_compile_time_is_reported_apart_from_latency():
     r = run_case(Case("window:window_size=4", 64, dim=32, compile=True), budget_s=0.05)
     assert r.status == "ok" and r.compile_s is not None

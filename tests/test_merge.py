@@ -5,18 +5,14 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
 
-from attnbench.cli import app
 from attnbench.report.table import frame, summary_rows
 from attnbench.schema import machine_labels
+from conftest import bench
 
-runner = CliRunner()
 TINY = ["run", "-r", "64", "--dim", "16", "--budget", "0.02", "--device", "cpu", "--methods", "full,window:window_size=4"]
 
 
-def bench(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

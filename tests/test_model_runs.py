@@ -6,23 +6,20 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from typer.testing import CliRunner
 
 from attnbench.backbones import build_model, model_info
 from attnbench.backbones.breakdown import Part, parts
-from attnbench.cli import app
 from attnbench.measure.flops import count_macs
 from attnbench.measure.isolate import run_isolated
 from attnbench.measure.model import (check_model_case, run_model_case, split_model, time_parts)
 from attnbench.report import backbones as report
 from attnbench.schema import COMPONENTS, MODEL_COLUMNS, ModelCase
 from attnbench.sweep import PRESETS, ModelPreset, ResultsStore, build_model_cases
+from conftest import bench
 
 SMALL = "stl:window:window_size=4"
 
 
-def bench(*args):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
 # -- counting ------------------------------------------------------------------------------------

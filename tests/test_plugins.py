@@ -8,19 +8,14 @@ import sys
 import textwrap
 
 import pytest
-from typer.testing import CliRunner
 
-from attnbench.cli import app
 from attnbench.measure import closed_form_macs
 
-from conftest import FILE_PLUGIN, ROOT
+from conftest import FILE_PLUGIN, ROOT, bench
 
-runner = CliRunner()
 PLUGIN = ["--plugin", str(FILE_PLUGIN)]
 
 
-def bench(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_both_plugins_show_in_bench_list():

@@ -12,14 +12,11 @@ import textwrap
 import time
 
 import pytest
-from typer.testing import CliRunner
 
-from attnbench.cli import app
-from conftest import ROOT, alive, descendants, sigint_as_from_a_terminal
+from conftest import ROOT, alive, bench, descendants, sigint_as_from_a_terminal
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra attnbench[ray]: pip install -e '.[ray]'")
 
-runner = CliRunner()
 SMALL = ["--resolution", "64", "--dim", "16", "--heads", "2", "--budget", "0.05", "--threads", "1", "--device", "cpu"]
 METHODS = "full,window:window_size=4,bra:n_win=2,topk=1"
 
@@ -114,8 +111,6 @@ def hostile(tmp_path_factory):
     return path
 
 
-def bench(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def records(folder):

@@ -8,17 +8,14 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
 
-from attnbench.cli import app
 from attnbench.sweep import ResultsStore
+from conftest import bench
 
 ARGS = ["--resolution", "32", "--dim", "16", "--budget", "0.02", "--methods", "full,window:window_size=4", "--device",
         "cpu"]
 
 
-def bench(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def flat(text: str) -> str:
