@@ -69,8 +69,7 @@ class PooledAttention(AttentionBase):
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
-        queries = self.check_queries(x, queries)
-        x = x[:1]
+        x, queries = self.first_item(x, queries)
         _, H, W, C = x.shape
         k, v, (Hk, Wk) = self.keys_values(x)
         tokens = self.query_ids(queries, W)

@@ -148,6 +148,11 @@ class AttentionBase(nn.Module):
         """The weights that queries of ``x[0]`` at grid positions ``queries`` give to every key."""
         raise NotImplementedError
 
+    def first_item(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """How an ``attention_map`` opens: the batch's first item (1, H, W, C) and the queries,
+        checked against its grid."""
+        return x[:1], self.check_queries(x, queries)
+
     def token_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The query, key and value of every token of ``x[0]`` under this module's own
         projections, as full attention would use them: ``(heads, H*W, d)`` each, row-major,

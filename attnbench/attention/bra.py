@@ -258,8 +258,8 @@ class BiLevelRoutingAttention(AttentionBase):
 
     @torch.no_grad()
     def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
-        queries = self.check_queries(x, queries)
-        x = self.pad(x[:1])
+        x, queries = self.first_item(x, queries)
+        x = self.pad(x)
         _, H, W, _ = x.shape
         S, m = self.n_win, self.num_heads
         h, w = H // S, W // S

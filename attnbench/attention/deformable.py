@@ -145,8 +145,7 @@ class DeformableAttention(AttentionBase):
 
     @torch.no_grad()
     def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
-        queries = self.check_queries(x, queries)
-        x = x[:1]
+        x, queries = self.first_item(x, queries)
         _, H, W, C = x.shape
         q = self.proj_q(x)
         points = self.sample_points(q)  # (G, Hk, Wk, 2)

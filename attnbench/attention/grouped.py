@@ -260,8 +260,7 @@ class GroupedAttention(AttentionBase):
 
     @torch.no_grad()
     def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
-        queries = self.check_queries(x, queries)
-        x = x[:1]
+        x, queries = self.first_item(x, queries)
         H, W = x.shape[1:3]
         q, k, v = (t[0].flatten(0, 1) for t in self.project(x, slice(0, self.num_heads)))  # (N, h, d)
         tokens = self.query_ids(queries, W, x.device)

@@ -296,8 +296,7 @@ class NeighborhoodAttention(AttentionBase):
 
     @torch.no_grad()
     def attention_map(self, x: Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
-        queries = self.check_queries(x, queries)
-        x = x[:1]
+        x, queries = self.first_item(x, queries)
         _, H, W, C = x.shape
         check_map_size(H, W, self.kernel_size, self.dilation)
         q, k, v = self.project(x)

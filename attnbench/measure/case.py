@@ -52,10 +52,9 @@ def check_device(device: str, dtype: str, here: bool = True) -> torch.device:
     return dev
 
 
-def check_case(case: Case, here: bool = True) -> None:
-    """Every reason a case cannot run, found before anything runs and without running any of
-    the mechanism's code (its declaration only): a ValueError. ``here=False``: the device is
-    another machine's (see :func:`check_device`)."""
+def check_how(case: Any, here: bool = True) -> None:
+    """The rules every kind of case (a layer's or a network's) shares: the device and dtype,
+    the mode, the threads; a ValueError naming what is wrong and what is allowed."""
     check_device(case.device, case.dtype, here)
     if case.mode not in MODES:
         raise ValueError(f"unknown mode '{case.mode}'; use one of {', '.join(MODES)}")
@@ -65,6 +64,13 @@ def check_case(case: Case, here: bool = True) -> None:
     if here and case.threads > cpus:  # more would only add thread stacks, under the memory bound too
         raise ValueError(f"threads = {case.threads} is more than the {cpus} CPUs this process may use; use 1..{cpus} "
                          "(or 0 for torch's default)")
+
+
+def check_case(case: Case, here: bool = True) -> None:
+    """Every reason a case cannot run, found before anything runs and without running any of
+    the mechanism's code (its declaration only): a ValueError. ``here=False``: the device is
+    another machine's (see :func:`check_device`)."""
+    check_how(case, here)
     for name in ("resolution", "stride", "batch"):
         if getattr(case, name) < 1:
             raise ValueError(f"{name} = {getattr(case, name)} must be >= 1")

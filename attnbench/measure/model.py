@@ -21,7 +21,6 @@ the clock reads.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,9 +30,9 @@ import torch
 
 from ..backbones import build_model
 from ..backbones.breakdown import Part, parts
-from ..schema import COMPONENTS, MODES, SCHEMA_VERSION, ModelCase, ModelResult, model_key_of
+from ..schema import COMPONENTS, SCHEMA_VERSION, ModelCase, ModelResult, model_key_of
 from . import device as devices
-from .case import DTYPES, MODE_MAC_FACTOR, _call_seconds, check_device, torch_threads
+from .case import DTYPES, MODE_MAC_FACTOR, _call_seconds, check_device, check_how, torch_threads
 from .device import resolve, synchronize
 from .flops import MacCount, count_macs
 from .memory import peak_memory_bytes
@@ -120,14 +119,7 @@ def check_model_case(case: ModelCase, here: bool = True, build: bool = True) -> 
     constructors' code: bench does that in a bounded process (:func:`check_model_builds`)."""
     if build:
         check_model_builds([case])
-    check_device(case.device, case.dtype, here)
-    if case.mode not in MODES:
-        raise ValueError(f"unknown mode '{case.mode}'; use one of {', '.join(MODES)}")
-    if case.threads < 0:
-        raise ValueError(f"threads = {case.threads} must be >= 0 (0: torch's default)")
-    if here and case.threads > len(os.sched_getaffinity(0)):
-        raise ValueError(f"threads = {case.threads} is more than the {len(os.sched_getaffinity(0))} CPUs this process "
-                         "may use")
+    check_how(case, here)
     for name in ("height", "width", "batch"):
         if getattr(case, name) < 1:
             raise ValueError(f"{name} = {getattr(case, name)} must be >= 1")

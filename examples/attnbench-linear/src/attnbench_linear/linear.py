@@ -63,8 +63,7 @@ class LinearAttention(AttentionBase):
 
     @torch.no_grad()
     def attention_map(self, x: torch.Tensor, queries: Sequence[tuple[int, int]]) -> AttentionMap:
-        queries = self.check_queries(x, queries)
-        x = x[:1]
+        x, queries = self.first_item(x, queries)
         _, H, W, _ = x.shape
         q, k, v = (t[0] for t in self.features(x))  # (heads, N, d)
         tokens = self.query_ids(queries, W)
