@@ -58,21 +58,6 @@ def parse_query(text: str | tuple[int, int]) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _folder(request: VizRequest) -> Path:
-    from .sweep.store import check_writable
-
-    name = KINDS[request.kind]
-    taken = lambda folder: (folder / f"{name}.png").exists()  # noqa: E731
-    if request.out is None:
-        out = next(f for f in [Path("results/viz")] + [Path(f"results/viz-{n}") for n in range(2, 10_000)] if not taken(f))
-    else:
-        out = Path(request.out)
-        if taken(out) and not request.force:
-            raise UsageError(f"{out / (name + '.png')} exists; use --force to replace it, or another --out")
-    check_writable(out)
-    return out
-
-
 def _check_size(request: VizRequest, specs: list[str], bound: int) -> None:
     """Every spec against its declaration on this grid, and the drawing's memory against the bound."""
     from .attention import Shape
@@ -96,12 +81,13 @@ def plan_viz(request: VizRequest) -> tuple[tuple, int]:
     from .report.compare import load_results
     from .content import content_tokens, load_image
     from .sweep.plan import check_limits, parse_size, split_methods
+    from .sweep.store import output_folder
 
     if request.kind not in KINDS:
         raise UsageError(f"unknown --kind '{request.kind}'; use maps or pattern")
     if request.stride < 1:
         raise UsageError(f"--stride {request.stride} must be >= 1")
-    out = _folder(request)
+    out = output_folder(request.out, Path("results/viz"), f"{KINDS[request.kind]}.png", request.force)
     bound = parse_size(request.mem_limit, "cpu") if request.mem_limit is not None else default_mem_limit_bytes("cpu")
     check_limits(request.timeout, None, bound, request.mem_limit)
     specs = split_methods(request.methods) if request.methods else default_methods()

@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 from attnbench import load_plugins  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"  # its helpers: plugins/, data/, fake_cuda*.py
 FILE_PLUGIN = ROOT / "examples" / "my_attention.py"
 
 load_plugins([str(FILE_PLUGIN)])

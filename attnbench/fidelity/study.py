@@ -85,18 +85,6 @@ def _image_paths(request: StudyRequest) -> list[Path]:
     return paths
 
 
-def _folder(request: StudyRequest) -> Path:
-    from ..sweep.store import check_writable
-
-    out = Path(request.out) if request.out else next(
-        f for f in [Path("results/fidelity")] + [Path(f"results/fidelity-{n}") for n in range(2, 10_000)]
-        if not (f / "fidelity.csv").exists())
-    if (out / "fidelity.csv").exists() and not request.force:
-        raise UsageError(f"{out / 'fidelity.csv'} exists; use --force to replace it, or another --out")
-    check_writable(out)
-    return out
-
-
 def _kinds(request: StudyRequest) -> tuple[str, ...]:
     from ..maps import load_checkpoint, read_state_dict
 
@@ -121,12 +109,14 @@ def plan_study(request: StudyRequest) -> tuple[fd.Study, list[Path], Path, list[
     from ..report.compare import load_results
     from ..report.fidelity_figures import runs_on_grid
     from ..sweep.plan import split_methods
+    from ..sweep.store import output_folder
 
     bound = _bound(request)
     kinds = _kinds(request)
     settings = _settings(request, bound)
     settings.check()
-    paths, out = _image_paths(request), _folder(request)
+    paths = _image_paths(request)
+    out = output_folder(request.out, Path("results/fidelity"), "fidelity.csv", request.force)
     specs = tuple(split_methods(request.methods) if request.methods else fd.default_specs())
     study = fd.Study(specs, kinds, settings, _path(request.checkpoint), request.model, request.stage)
     records = load_results(request.results).records if request.results else None

@@ -17,7 +17,7 @@ from ..errors import UsageError
 from ..schema import Case, ModelCase
 from .cases import build_cases, build_model_cases
 from .presets import ModelPreset, preset
-from .store import ResultsStore
+from .store import ResultsStore, candidates
 
 DEFAULT_RESOLUTION = 1024
 DEFAULT_MODEL_SIZE = (224, 224)
@@ -104,11 +104,11 @@ def default_folder(device: str, resolutions: Sequence[int | str], resume: bool, 
     the latest one."""
     tail = suffix or f"r{'-'.join(map(str, resolutions))}"
     base = Path("results") / f"{time.strftime('%Y-%m-%d')}-{device.replace(':', '')}-{tail}"
-    candidates = [base] + [base.with_name(f"{base.name}-{n}") for n in range(2, 1000)]
-    taken = [c for c in candidates if ResultsStore(c).exists()]
+    names = list(candidates(base, 1000))
+    taken = [c for c in names if ResultsStore(c).exists()]
     if resume:
         return taken[-1] if taken else base
-    for c in candidates:  # claimed by making it: of two runs started together, each gets its own
+    for c in names:  # claimed by making it: of two runs started together, each gets its own
         try:
             c.mkdir(parents=True)
             return c

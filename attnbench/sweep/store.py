@@ -37,6 +37,28 @@ OWN_FILES = ("results.jsonl", "results.csv", "results.csv.tmp", "results.jsonl.t
              "models.retried.jsonl", "models.rejected.jsonl", "attention_share.*", "throughput_vs_macs.*", "stages.*")
 
 
+def candidates(base: Path, limit: int = 10_000) -> Iterator[Path]:
+    """``base``, then ``base-2``, ``base-3``, ...: where a new output may go."""
+    yield base
+    for n in range(2, limit):
+        yield base.with_name(f"{base.name}-{n}")
+
+
+def output_folder(out: Path | str | None, default: Path, holds: str, force: bool = False) -> Path:
+    """Where a command writes ``holds`` (a file name): ``out``, refused if it holds that file
+    already (unless ``force``), or the first of ``default``, ``default-2``, ... that does not;
+    checked writable. A UsageError names the file and what to do."""
+    from ..errors import UsageError
+
+    if out is None:
+        out = next(f for f in candidates(default) if not (f / holds).exists())
+    out = Path(out)
+    if (out / holds).exists() and not force:
+        raise UsageError(f"{out / holds} exists; use --force to replace it, or another --out")
+    check_writable(out)
+    return out
+
+
 def check_writable(folder: Path, option: str = "--out") -> None:
     """Make ``folder`` if it is not there and try writing in it; a ValueError naming ``option``
     before any work where that fails (a file, no permission, a full or read-only disk)."""

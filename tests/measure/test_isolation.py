@@ -13,8 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from attnbench.cli import app
+from conftest import TESTS
 
-HOSTILE = str(Path(__file__).parent / "plugins" / "hostile.py")
+HOSTILE = str(TESTS / "plugins" / "hostile.py")
 SPECS = ["full", "reads_raw_memory", "stalls_on_meta", "raises_in_init", "untraceable", "bad_output:what=nan",
          "bad_output:what=inf", "bad_output:what=shape", "bad_output:what=float64"]
 

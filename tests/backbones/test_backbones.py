@@ -4,7 +4,6 @@ reproduce timm (parameters, MACs, logits on the same weights), and the STL netwo
 any mechanism."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,9 @@ import attnbench
 from attnbench.attention import list_attentions
 from attnbench.backbones import build_model, list_models, model_info
 from attnbench.measure.flops import count_macs
+from conftest import TESTS
 
-OFFICIAL = json.loads((Path(__file__).parent / "data" / "biformer_official.json").read_text())["models"]
+OFFICIAL = json.loads((TESTS / "data" / "biformer_official.json").read_text())["models"]
 NAMED = ["biformer_t", "biformer_s", "biformer_b", "biformer_stl", "swin_t", "swin_s", "swin_b"]
 
 

@@ -125,7 +125,7 @@ def test_merge_of_different_settings_is_refused_before_anything_is_written(run, 
 def test_every_committed_results_folder_reads_back():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "results"
+    root = Path(__file__).resolve().parents[2] / "results"
     folders = {p.parent for p in root.rglob("*.jsonl") if p.name in ("results.jsonl", "models.jsonl")}
     assert len(folders) >= 5
     for folder in folders:

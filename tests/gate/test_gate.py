@@ -16,7 +16,7 @@ from attnbench import gate
 from attnbench.schema import Case
 from conftest import alive, bench, descendants, sigint_as_from_a_terminal
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 

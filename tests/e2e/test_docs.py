@@ -1,6 +1,6 @@
 """The README and docs/ hold together: every relative link resolves, docs/commands.md is the
-command line as it is (`python tests/test_docs.py` writes it again), the README stays a front
-page, and the Python examples of docs/ run (the README's: tests/test_readme.py)."""
+command line as it is (`python tests/e2e/test_docs.py` writes it again), the README stays a front
+page, and the Python examples of docs/ run (the README's: tests/e2e/test_readme.py)."""
 
 import re
 import subprocess
@@ -9,31 +9,38 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "results").glob("**/README.md"))]
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "results").glob("**/README.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
-def commands_page() -> str:
-    """docs/commands.md from the command line itself: each command's help and options."""
+def command_pages() -> dict[str, str]:
+    """docs/commands.md (an index) and docs/commands/NAME.md for each command, from the command
+    line itself: each command's help and options."""
     import typer
 
     from attnbench.cli import app
 
     group = typer.main.get_command(app)
-    lines = ["# Commands", "", "Every `bench` command and its options, as `bench COMMAND --help` gives them. "
-             "This page is generated from the command line (`python tests/test_docs.py`); a test keeps it current.", ""]
+    index = ["# Commands", "", "A page per `bench` command, with its options as `bench COMMAND --help` gives them. "
+             "These pages are generated from the command line (`python tests/e2e/test_docs.py`); a test keeps them "
+             "current.", ""]
+    pages = {}
     for name in sorted(group.commands):
         command = group.commands[name]
-        lines += [f"## `bench {name}`", "", " ".join((command.help or "").split()), ""]
+        about = " ".join((command.help or "").split())
+        index.append(f"- [`bench {name}`](commands/{name}.md): {about.split('. ')[0].rstrip('.')}.")
+        lines = [f"# `bench {name}`", "", about, "", "| option | meaning | default |", "|---|---|---|"]
         for param in command.params:
             if param.name == "help":
                 continue
             flags = ", ".join(f"`{o}`" for o in param.opts) if param.param_type_name == "option" else f"`{param.name.upper()}`"
-            default = "" if param.default in (None, False, [], ()) or param.required else f" (default: `{param.default}`)"
-            lines.append(f"- {flags}: {' '.join((getattr(param, 'help', '') or '').split())}{default}")
-        lines.append("")
-    return "\n".join(lines)
+            default = "" if param.default in (None, False, [], ()) or param.required else f"`{param.default}`"
+            text = " ".join((getattr(param, "help", "") or "").split()).replace("|", "\\|")
+            lines.append(f"| {flags} | {text} | {default} |")
+        pages[f"commands/{name}.md"] = "\n".join(lines + ["", "[All commands](../commands.md)", ""])
+    pages["commands.md"] = "\n".join(index + [""])
+    return pages
 
 
 def test_every_relative_link_resolves():
@@ -55,8 +62,9 @@ def test_the_readme_is_a_front_page():
     assert linked == {p.name for p in (ROOT / "docs").glob("*.md")}  # every page reachable from the front page
 
 
-def test_the_commands_page_is_current():
-    assert (ROOT / "docs" / "commands.md").read_text() == commands_page(), "run: python tests/test_docs.py"
+def test_the_command_pages_are_current():
+    for page, text in command_pages().items():
+        assert (ROOT / "docs" / page).read_text() == text, f"docs/{page} is stale: run python tests/e2e/test_docs.py"
 
 
 BLOCKS = [(page, b) for page in sorted((ROOT / "docs").glob("*.md"))
@@ -72,7 +80,9 @@ def test_a_docs_example_runs_as_a_script(page, code, tmp_path):
 
 
 if __name__ == "__main__":
-    (ROOT / "docs" / "commands.md").write_text(commands_page())
+    (ROOT / "docs" / "commands").mkdir(exist_ok=True)
+    for page, text in command_pages().items():
+        (ROOT / "docs" / page).write_text(text)
 
 
 def test_the_report_package_imports_no_torch():

@@ -2,7 +2,6 @@
 devices, right bookkeeping. Real kernels and numbers need a GPU (bench gpu-check)."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from attnbench.measure.isolate import available_memory_bytes, default_mem_limit_
 from attnbench.measure.memory import TensorMemoryTracker, peak_memory_bytes
 
 from fake_cuda import install
-from conftest import bench
+from conftest import TESTS, bench
 
 
 def test_a_bare_cuda_device_gets_the_current_index(fake):
@@ -150,7 +149,7 @@ def test_peak_agreement_compares_the_device_statistics_with_the_tracker(fake):
 
 # -- end to end: the command line, with every case in its own process --------------------------
 
-CHILD_FAKE = str(Path(__file__).with_name("fake_cuda_child.py"))
+CHILD_FAKE = str(TESTS / "fake_cuda_child.py")
 TEST_PID_ENV = "ATTNBENCH_FAKE_CUDA_TEST_PID"  # read by fake_cuda_child
 
 
@@ -255,7 +254,7 @@ def test_gpu_check_on_cuda_writes_its_checks(forked, tmp_path):
     assert "failed: nothing" in checks and "0.0% apart (ok: within max(5%, 8 MiB))" in checks
 
 
-ASKS_CUDA = str(Path(__file__).parent / "plugins" / "asks_cuda_at_import.py")
+ASKS_CUDA = str(TESTS / "plugins" / "asks_cuda_at_import.py")
 
 
 @pytest.mark.parametrize("tf32", [False, True])
