@@ -125,6 +125,7 @@ def test_the_map_rebuilds_the_output(spec, H, W):
         assert all(mark.kind in ("box", "points", "grid") for mark in marks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("H,W", [(16, 16), (11, 13)])
 def test_the_declared_closed_form_equals_the_counted_macs(spec, H, W):

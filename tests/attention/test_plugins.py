@@ -34,6 +34,7 @@ def plugin_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_plugins_run_through_bench_run_with_every_column_filled(plugin_run):
     records = [json.loads(line) for line in (plugin_run / "results.jsonl").read_text().splitlines()]
     mine = [r for r in records if r["mechanism"] in ("linear", "pooled")]
@@ -48,6 +49,7 @@ def test_plugins_run_through_bench_run_with_every_column_filled(plugin_run):
     assert "pooled:pool=2" in (plugin_run / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_resume_of_a_plugin_run_needs_the_plugin(plugin_run, tmp_path):
     result = bench("run", "-r", "32", "-r", "64", "--dim", "16", "--budget", "0.02", "--device", "cpu",
                    "-m", "full,linear,pooled:pool=2", *PLUGIN, "--out", plugin_run, "--resume")
@@ -159,6 +161,7 @@ def test_no_module_in_measure_or_report_names_a_mechanism():
     assert not found, "\n".join(found)
 
 
+@pytest.mark.slow
 def test_compare_and_plot_never_import_torch(tmp_path):
     """The result schema, the reports and the perf gate read results without torch."""
     src = ROOT / "results" / "baselines" / "cpu-ci"

@@ -332,6 +332,7 @@ def neighborhood_reference(m, x):
     return out @ m.proj.weight.t() + m.proj.bias
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("H,W,params", [(11, 13, dict(kernel_size=5)), (16, 15, dict(kernel_size=3, dilation=2)),
                                         (9, 9, dict(kernel_size=9)), (12, 10, dict(kernel_size=3, dilation=3))])
 @pytest.mark.parametrize("impl", ["tiled", "gather"])

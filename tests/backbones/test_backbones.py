@@ -23,6 +23,7 @@ def test_the_named_models_are_registered():
     assert attnbench.build_model is build_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMED)
 def test_parameters_and_macs_at_224_equal_the_reference(name):
     info = model_info(name)
@@ -81,6 +82,7 @@ def test_swin_logits_equal_timms_on_the_same_weights(name, timm_name):
     assert (got - expected).abs().max().item() <= 1e-4 * max(scale, 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMED)
 @pytest.mark.parametrize("size", [(160, 288), (230, 230)])
 def test_non_square_and_padded_inputs_run(name, size):
@@ -92,6 +94,7 @@ def test_non_square_and_padded_inputs_run(name, size):
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("info", list_attentions(), ids=lambda i: i.name)
 def test_the_stl_network_takes_every_mechanism(info):
     # axial stripes split the heads in two: 96 / 32 = 3 heads will not do, 96 / 48 = 2 will
@@ -139,6 +142,7 @@ def test_bad_input_is_named(call, words):
 
 # -- where the MACs go --------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["biformer_t", "swin_t", "biformer_stl"])
 def test_the_mac_breakdown_sums_to_the_total(name):
     from attnbench.measure.model import macs_breakdown
@@ -150,6 +154,7 @@ def test_the_mac_breakdown_sums_to_the_total(name):
     assert set(b.by_stage) == {"1", "2", "3", "4", "head"}
 
 
+@pytest.mark.slow
 def test_the_breakdown_puts_each_part_where_the_closed_forms_say():
     from attnbench.measure.model import macs_breakdown
     from attnbench.measure import closed_form_macs

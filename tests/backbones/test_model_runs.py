@@ -24,6 +24,7 @@ SMALL = "stl:window:window_size=4"
 
 # -- counting ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["biformer_t", "swin_t"])
 def test_macs_of_a_batch_are_the_batch_times_one_images(name):
     """What lets a model case count one image and multiply: every op works per image."""
@@ -33,6 +34,7 @@ def test_macs_of_a_batch_are_the_batch_times_one_images(name):
     assert three == 3 * one
 
 
+@pytest.mark.slow
 def test_a_model_case_reproduces_the_reference_count_and_its_parts_sum_to_it():
     r = run_model_case(ModelCase("biformer_t", 224, 224, batch=2), budget_s=0.05)
     info = model_info("biformer_t")
@@ -147,6 +149,7 @@ def model_run(tmp_path_factory):
     return out, result.output
 
 
+@pytest.mark.slow
 def test_bench_run_model_writes_records_reports_and_plots(model_run):
     out, output = model_run
     for name in ("models.jsonl", "models.csv", "env.json", "config.json", "summary.md", "attention_share.png",
@@ -164,6 +167,7 @@ def test_bench_run_model_writes_records_reports_and_plots(model_run):
     assert "images/s" in output
 
 
+@pytest.mark.slow
 def test_a_resumed_model_run_measures_only_what_is_missing(model_run, tmp_path):
     import shutil
 
@@ -256,6 +260,7 @@ def test_the_summary_tables_each_case_and_where_its_time_goes():
     assert "28,288,354" in text and "4,509,194,496" in text  # the reference beside the measured count
 
 
+@pytest.mark.slow
 def test_layers_take_non_square_sizes_too(tmp_path):
     out = tmp_path / "wide"
     result = bench("run", "--methods", "full,window:window_size=4", "--size", "32x64", "--resolution", "32",

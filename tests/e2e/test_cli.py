@@ -37,6 +37,7 @@ def test_list_shows_the_mechanisms_and_the_presets():
         assert name in result.output
 
 
+@pytest.mark.slow
 def test_run_writes_every_file(tiny_run):
     out, output = tiny_run
     for name in ("results.csv", "results.jsonl", "env.json", "config.json", "summary.md",
@@ -56,6 +57,7 @@ def test_run_writes_every_file(tiny_run):
     assert "GMACs" in output and "window:window_size=4" in output  # the terminal table
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupt_measures_each_case_once(tiny_run, tmp_path):
     out, _ = tiny_run
     folder = tmp_path / "res"
@@ -75,6 +77,7 @@ def test_resume_after_an_interrupt_measures_each_case_once(tiny_run, tmp_path):
     assert len(set(keys)) == 4
 
 
+@pytest.mark.slow
 def test_existing_results_are_never_overwritten(tiny_run, tmp_path):
     out, _ = tiny_run
     folder = tmp_path / "res"

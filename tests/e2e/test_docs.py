@@ -71,6 +71,7 @@ BLOCKS = [(page, b) for page in sorted((ROOT / "docs").glob("*.md"))
           for b in re.findall(r"```python\n(.*?)```", page.read_text(), re.S) if "..." not in b]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page, code", BLOCKS, ids=[f"{p.name}:{b.splitlines()[0][:30]}" for p, b in BLOCKS])
 def test_a_docs_example_runs_as_a_script(page, code, tmp_path):
     script = tmp_path / "example.py"

@@ -49,6 +49,7 @@ def test_nonsensical_bounds_are_refused_up_front(option, value, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -9), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_stopping_bench_ends_its_case_processes(sig, code, tmp_path):
     """A case that runs for a minute, and bench stopped under it: nothing it started survives
@@ -88,6 +89,7 @@ def test_stopping_bench_ends_its_case_processes(sig, code, tmp_path):
 TINY = ["-r", "32", "-m", "window:window_size=4", "--dim", "16", "--budget", "0.02", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_folder_being_written_is_refused_and_a_stale_lock_taken_over(tmp_path):
     import json as json_module
     import socket
@@ -111,6 +113,7 @@ def test_a_second_run_into_a_folder_being_written_is_refused_and_a_stale_lock_ta
     assert (out / "results.jsonl").exists() and not (out / "bench.lock").exists()
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_one_is_refused(tmp_path):
     out = tmp_path / "o"
     command = [sys.executable, "-c", "from attnbench.cli import app; app()", "run", "-r", "1024", "-m", "full",
@@ -138,6 +141,7 @@ def test_bench_never_mixes_its_files_into_a_folder_of_the_users(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "data.csv"]
 
 
+@pytest.mark.slow
 def test_force_moves_only_what_bench_wrote(tmp_path):
     out = tmp_path / "o"
     assert bench("run", *TINY, "--out", out).exit_code == 0
@@ -166,6 +170,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(kind, tmp_path
         assert w in result.output
 
 
+@pytest.mark.slow
 def test_viz_never_replaces_a_figure_unasked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["viz", "-m", "window:window_size=4", "--resolution", "128"]
@@ -179,6 +184,7 @@ def test_viz_never_replaces_a_figure_unasked(tmp_path, monkeypatch):
     assert bench(*args, "--out", "results/viz", "--force").exit_code == 0
 
 
+@pytest.mark.slow
 def test_resume_retries_failed_cases_when_asked_and_keeps_their_old_records(tmp_path):
     out = tmp_path / "o"
     CASE = ["-r", "256", "-m", "full", "--dim", "16", "--budget", "0.02", "--device", "cpu"]  # 64 x 64 tokens
@@ -198,6 +204,7 @@ def test_resume_retries_failed_cases_when_asked_and_keeps_their_old_records(tmp_
     assert bench("run", *CASE, "--out", out, "--retry-failed").exit_code == 2  # needs --resume
 
 
+@pytest.mark.slow
 def test_resume_takes_reordered_methods_and_names_the_option_that_differs(tmp_path):
     out = tmp_path / "o"
     two = ["-r", "32", "--dim", "16", "--budget", "0.02", "--device", "cpu", "--out", out]
@@ -210,6 +217,7 @@ def test_resume_takes_reordered_methods_and_names_the_option_that_differs(tmp_pa
     assert "heads 2 there, 4 now" in flat and "{" not in flat  # the option, not the whole configuration
 
 
+@pytest.mark.slow
 def test_a_garbage_line_inside_the_results_is_an_error_naming_it(tmp_path):
     out = tmp_path / "o"
     assert bench("run", *TINY, "-r", "64", "--out", out).exit_code == 0
@@ -223,6 +231,7 @@ def test_a_garbage_line_inside_the_results_is_an_error_naming_it(tmp_path):
     assert bench("plot", out).exit_code == 0
 
 
+@pytest.mark.slow
 def test_the_results_table_fits_80_columns_when_piped(tmp_path, monkeypatch):
     out = tmp_path / "o"
     assert bench("run", *TINY, "-m", "bra:n_win=2,topk=2,impl=gather", "--out", out).exit_code == 0
@@ -303,6 +312,7 @@ def test_a_results_line_missing_fields_is_named_by_bench_plot(tmp_path):
     assert result.exit_code == 2 and "results.jsonl:1 is not a result record (missing params" in result.output.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_the_cpu_and_it_never_reuses_a_folder(tmp_path, monkeypatch):
     """The GPU check's steps, on the CPU at 64 px: every run, the ratios, the crossovers, the
     peak lines; a second call into the same folder is refused."""
@@ -328,6 +338,7 @@ def test_more_threads_than_cpus_are_refused(tmp_path):
     assert result.exit_code == 2 and "threads = 1000 is more than the" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_a_quoted_home_folder_is_expanded_in_path_options(tmp_path, monkeypatch):
     """--out '~/x' (quoted, so no shell expanded it) made a folder named '~'."""
     from attnbench.cli import expand_home, main
@@ -343,6 +354,7 @@ def test_a_quoted_home_folder_is_expanded_in_path_options(tmp_path, monkeypatch)
     assert (tmp_path / "tilde-run" / "results.jsonl").exists() and not (tmp_path / "~").exists()
 
 
+@pytest.mark.slow
 def test_output_survives_an_ascii_only_terminal(tmp_path):
     """PYTHONIOENCODING=ascii crashed on the table's '±' after the measuring was done."""
     import shutil

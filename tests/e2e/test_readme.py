@@ -16,6 +16,7 @@ def test_the_readme_has_runnable_examples():
     assert len(BLOCKS) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", BLOCKS, ids=[b.splitlines()[0][:40] for b in BLOCKS])
 def test_a_readme_example_runs_as_a_script(code, tmp_path):
     small = code.replace("resolution=1024", "resolution=64")  # the same code, a size a test can afford

@@ -121,6 +121,7 @@ def by_case(rs):
     return {(r["mechanism"], r["params"], r["resolution"]): r for r in rs}
 
 
+@pytest.mark.slow
 def test_a_sweep_through_ray_equals_a_local_one(cluster, hostile, tmp_path):
     methods = ["--methods", METHODS + ",broken", "--plugin", hostile]
     local = bench("run", *SMALL, *methods, "--out", tmp_path / "local")
@@ -139,6 +140,7 @@ def test_a_sweep_through_ray_equals_a_local_one(cluster, hostile, tmp_path):
     assert env["gemm_gflops"] == b[("full", "impl=sdpa", 64)]["gemm_gflops"]
 
 
+@pytest.mark.slow
 def test_a_case_lost_with_its_worker_is_retried_once_then_recorded(cluster, hostile, tmp_path):
     hostile.with_suffix(".attempts").unlink(missing_ok=True)
     result = bench("run", *SMALL, "--methods", "lose_worker,full", "--plugin", hostile, "--executor", "ray",
@@ -152,6 +154,7 @@ def test_a_case_lost_with_its_worker_is_retried_once_then_recorded(cluster, host
     assert len(hostile.with_suffix(".attempts").read_text().split()) == 2  # the first try and one retry
 
 
+@pytest.mark.slow
 def test_cases_side_by_side_on_a_node_run_on_disjoint_cpus(cluster, hostile, tmp_path):
     log = hostile.with_suffix(".cpus")
     log.unlink(missing_ok=True)
@@ -165,6 +168,7 @@ def test_cases_side_by_side_on_a_node_run_on_disjoint_cpus(cluster, hostile, tmp
     assert all(x[2] != y[2] for x, y in overlapping), calls
 
 
+@pytest.mark.slow
 def test_a_resume_through_ray_measures_only_what_is_missing(cluster, tmp_path):
     out = tmp_path / "o"
     first = bench("run", *SMALL, "--methods", METHODS, "--executor", "ray", "--out", out)
@@ -191,6 +195,7 @@ def test_the_executor_is_checked_before_any_work(cluster, tmp_path):
         assert not (tmp_path / "o" / "results.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_without_ray_the_executor_says_how_to_install_it_and_the_default_path_never_imports_it(tmp_path):
     code = textwrap.dedent(f"""
         import sys
@@ -209,6 +214,7 @@ def test_without_ray_the_executor_says_how_to_install_it_and_the_default_path_ne
     assert lines[-1] == "exit 0 ray imported: False", out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_ray_sweep_keeping_what_finished(hostile, tmp_path):
     """Its own local cluster (started by bench), in a process of its own, as a user runs it."""
     out = tmp_path / "o"

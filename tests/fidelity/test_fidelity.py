@@ -187,6 +187,7 @@ def tiny_run(tmp_path_factory):
     return out, result.output
 
 
+@pytest.mark.slow
 def test_fidelity_writes_the_csv_summary_and_plots(tiny_run):
     out, output = tiny_run
     with (out / "fidelity.csv").open() as f:
@@ -259,6 +260,7 @@ def bra_checkpoint(path, dim=16):
     return path
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_measured_where_it_fits(tmp_path):
     ckpt = bra_checkpoint(tmp_path / "bra.pth")
     out = tmp_path / "fid"
@@ -324,6 +326,7 @@ def test_network_features_are_the_blocks_attention_input():
     assert network.spec == "bra:n_win=7,topk=4,side_dwconv=5" and network.reduction == 8
 
 
+@pytest.mark.slow
 def test_fidelity_on_a_backbones_features(tmp_path):
     from attnbench.backbones import build_model
 
@@ -350,6 +353,7 @@ def test_fidelity_on_a_backbones_features(tmp_path):
     (["--model", "biformer_t", "--stage", "4"], "global attention with LePE"),
     (["--model", "biformer_t", "--stage", "5"], "--stage 5 is out of range"),
 ])
+@pytest.mark.slow
 def test_bad_backbone_options_exit_2(tmp_path, args, words):
     result = bench("fidelity", "--image", str(sample_image_path()), "--resolution", "64", "--out", str(tmp_path / "f"), *args)
     assert result.exit_code == 2, result.output
@@ -368,6 +372,7 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
 
 # -- mass kept where it is defined, output error everywhere ---------------------------------
 
+@pytest.mark.slow
 def test_pooled_keys_get_no_mass_kept_and_every_mechanism_an_output_error(tmp_path):
     """The issue's command: SRA's pooled keys stand for every token, so its mass kept (1 by
     definition) is left empty and n/a; the window has both figures; both have an output error."""

@@ -213,6 +213,7 @@ def test_a_commit_is_dirty_only_for_uncommitted_changes_to_what_runs(scratch_rep
     assert git_commit(tmp_path) == "unknown"  # not a repository
 
 
+@pytest.mark.slow
 def test_a_stopped_gate_leaves_no_worktree_and_no_process(scratch_repo):
     """SIGTERM mid-round (as CI's timeout or a scheduler sends it): exit 143, the base's
     worktree removed from the repository, every worker gone."""

@@ -182,6 +182,7 @@ def forked(fake, monkeypatch):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 def test_bench_run_on_cuda_runs_every_case_in_its_own_process(forked, tmp_path, mode):
     """`bench run --device cuda`: the device named with its index, each case's process on its
@@ -241,6 +242,7 @@ def test_bench_profile_on_cuda_asks_for_kernel_time(fake, monkeypatch):
     assert any(c[0] == "synchronize" and c[1] == 0 for c in fake.calls)
 
 
+@pytest.mark.slow
 def test_gpu_check_on_cuda_writes_its_checks(forked, tmp_path):
     out = tmp_path / "check"
     result = bench("gpu-check", "--out", str(out), "--device", "cuda", "-r", "32", "--budget", "0.02")
@@ -257,6 +259,7 @@ def test_gpu_check_on_cuda_writes_its_checks(forked, tmp_path):
 ASKS_CUDA = str(TESTS / "plugins" / "asks_cuda_at_import.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tf32", [False, True])
 def test_a_plugin_asking_for_cuda_at_import_does_not_poison_the_cases(forked, tmp_path, tf32):
     """The forkserver loads the plugins; one calling torch.cuda.is_available() at import

@@ -33,6 +33,7 @@ def hostile_run(tmp_path_factory):
     return result, records, out
 
 
+@pytest.mark.slow
 def test_every_hostile_case_is_recorded_and_the_sweep_goes_on(hostile_run):
     result, records, out = hostile_run
     assert result.exit_code == 0, result.output
@@ -121,6 +122,7 @@ def test_bench_profile_runs_the_mechanism_in_a_bounded_process(spec, status):
         assert result.exit_code == 1 and "raises_in_init: error: RuntimeError: cannot find my CUDA extension" in flat(result.output)
 
 
+@pytest.mark.slow
 def test_bench_profile_takes_a_timeout(tmp_path):
     plugin = tmp_path / "slow.py"
     plugin.write_text("import time\nimport torch.nn as nn\nfrom attnbench import AttentionBase, register_attention\n\n"
@@ -170,6 +172,7 @@ def test_bench_fidelity_runs_the_mechanisms_in_bounded_processes(tmp_path):
     assert bad.exit_code == 2 and "--timeout 0.0 must be more than 0" in flat(bad.output)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_plugin_whose_defaults_or_code_changed(tmp_path):
     """Resuming after a plugin's default changed (topk 64 -> 8) mixed two settings under one
     label. config.json records each mechanism's defaults and its file's hash."""
@@ -197,6 +200,7 @@ def test_resume_refuses_a_plugin_whose_defaults_or_code_changed(tmp_path):
     assert "mechanism routed's defaults changed (topk 64 there, 8 now)" in said and "routed's code changed" in said
 
 
+@pytest.mark.slow
 def test_a_process_a_mechanism_starts_ends_with_its_case(tmp_path):
     """A process started by a plugin (sleep 600) outlived the run."""
     import os

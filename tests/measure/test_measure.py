@@ -52,6 +52,7 @@ EXACT = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("H,W", SIZES)
 @pytest.mark.parametrize("spec", EXACT)
 def test_counted_macs_equal_the_closed_form(spec, H, W):
@@ -60,6 +61,7 @@ def test_counted_macs_equal_the_closed_form(spec, H, W):
     assert counted == closed_form_macs(spec, B, H, W, C, heads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("H,W", SIZES)
 @pytest.mark.parametrize("spec", ["deformable", "deformable:stride=4,groups=2", "deformable:stride=2,kernel=3"])
 def test_deformable_macs_match_dat_plus_sampling(spec, H, W):
@@ -261,6 +263,7 @@ def test_cuda_without_cuda_is_refused():
 # -- isolation --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_isolated_ok_case_matches_the_closed_form():
     r = run_isolated(Case("window:window_size=4", 64, dim=32), budget_s=0.05, timeout_s=120)
     assert r.status == "ok", r.error

@@ -40,6 +40,7 @@ def compare(base, cur, *extra):
     return runner.invoke(app, ["compare", str(base), str(cur), *extra], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_a_run_compared_with_itself_passes(measured):
     result = compare(measured, measured)
     assert result.exit_code == 0, result.output

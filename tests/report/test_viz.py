@@ -109,6 +109,7 @@ def viz(*args):
     return runner.invoke(app, ["viz", *args], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_viz_writes_the_figure(tmp_path):
     result = viz("--resolution", "256", "--out", str(tmp_path), "--svg")
     assert result.exit_code == 0, result.output
@@ -123,6 +124,7 @@ def test_viz_pattern_sheet(tmp_path):
     assert "mean attention distance" in result.output and "100.0%" in result.output
 
 
+@pytest.mark.slow
 def test_viz_titles_carry_measured_costs(tmp_path):
     res = tmp_path / "res"
     run = runner.invoke(app, ["run", "-r", "64", "--dim", "16", "--budget", "0.02", "--device", "cpu",

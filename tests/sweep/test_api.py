@@ -16,6 +16,7 @@ from attnbench.schema import RESULT_COLUMNS
 SMALL = dict(resolutions=[32], dim=16, heads=2, budget=0.02, device="cpu", threads=1)
 
 
+@pytest.mark.slow
 def test_run_writes_the_folder_and_returns_its_rows(tmp_path):
     seen = []
     df = attnbench.run(["full", "window:window_size=4"], **SMALL, out=tmp_path / "r", on_result=seen.append)
@@ -45,6 +46,7 @@ def test_bad_input_raises_usage_error_and_nothing_exits(tmp_path, kwargs, words)
     assert not (tmp_path / "r" / "results.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_kept_and_resumed(tmp_path):
     attnbench.run(["full"], **SMALL, out=tmp_path / "r")
     with pytest.raises(attnbench.UsageError, match="already holds results; use --resume"):
@@ -102,10 +104,12 @@ def _notebook(tmp_path, executor):
     assert "plugins" not in config  # nothing pickled lands in config.json
 
 
+@pytest.mark.slow
 def test_a_mechanism_from_standard_input_runs_locally(tmp_path):
     _notebook(tmp_path, "local")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is the optional extra attnbench[ray]")
 def test_a_mechanism_from_standard_input_runs_on_ray(tmp_path):
     _notebook(tmp_path, "ray")

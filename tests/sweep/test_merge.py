@@ -29,6 +29,7 @@ def records(folder):
     return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_machines_merge_into_one_store_each_record_keeping_its_machine(two_runs, tmp_path):
     out = tmp_path / "both"
     result = bench("merge", two_runs / "t1", two_runs / "t2", "--out", out)

@@ -56,6 +56,7 @@ EDITS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_a_bad_line_is_refused_by_plot_and_compare_naming_its_line(run, copy, edit):
     """bench plot dropped a cut line silently and crashed with a TypeError on a string latency."""
@@ -67,6 +68,7 @@ def test_a_bad_line_is_refused_by_plot_and_compare_naming_its_line(run, copy, ed
         assert f"results.jsonl:{bad}" in flat(result.output).replace(" ", "")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_resume_sets_a_bad_line_aside_and_measures_its_case_again(run, copy, edit):
     """--resume appended after the bad line, then crashed and left results.csv.tmp; from then on
@@ -84,6 +86,7 @@ def test_resume_sets_a_bad_line_aside_and_measures_its_case_again(run, copy, edi
     assert bench("plot", copy).exit_code == 0
 
 
+@pytest.mark.slow
 def test_an_interrupted_last_line_is_accepted_by_every_command(run, copy):
     """A last line without its newline is a write cut by an interrupt: compare refused it
     while plot and --resume took it."""
@@ -112,6 +115,7 @@ def test_a_folder_with_only_its_csv_is_not_overwritten(run, copy):
     assert (copy / "results.csv").read_text() == before
 
 
+@pytest.mark.slow
 def test_merge_of_different_settings_is_refused_before_anything_is_written(run, tmp_path):
     """It wrote the merged folder, then refused it; a second merge was refused as --out was not empty."""
     other = tmp_path / "fwdbwd"
