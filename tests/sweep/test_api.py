@@ -86,6 +86,7 @@ df = attnbench.run(["scaled_identity", "full"], resolutions=[32], dim=16, heads=
                    threads=1, out=sys.argv[1], executor=NAME)
 print(json.dumps(dict(zip(df["mechanism"], df["status"]))))
 print(json.dumps(dict(zip(df["mechanism"], df["macs"].astype(int)))))
+assert attnbench.load(sys.argv[1]).equals(df)  # the folder reads back as the run returned it
 """
 
 
