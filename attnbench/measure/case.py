@@ -318,7 +318,6 @@ def failed_result(case: Case, status: str, error: str) -> Result:
     return result_for(case, status=status, error=error, macs=macs, macs_method="closed form" if macs is not None else "")
 
 
-run = run_case  # the name the isolated runner calls each kind of case's measurement by
 
 
 def estimate_peak_bytes(case: Case) -> int:

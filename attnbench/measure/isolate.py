@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from types import ModuleType
 
 from ..attention import load_plugins
 from ..schema import ModelCase, ModelResult
@@ -122,14 +121,23 @@ def _measure(case: Case | ModelCase, budget_s: float, gemm_gflops: float | None,
     return _kind(case).run(case, budget_s=budget_s, gemm_gflops=gemm_gflops, macs=macs).to_dict()
 
 
-def _kind(case: Case | ModelCase) -> ModuleType:
-    """What measures this kind of case: :mod:`.case` for a layer, :mod:`.model` for a network.
-    Each gives run, failed_result and estimate_peak_bytes."""
+@dataclass(frozen=True)
+class Kind:
+    """What measures one kind of case: a layer (:mod:`.case`) or a network (:mod:`.model`),
+    the same three steps for each, checked by the rules both share (``case.check_how``)."""
+
+    name: str
+    run: Callable[..., Any]  # (case, budget_s=, gemm_gflops=, macs=) -> its record
+    failed_result: Callable[..., Any]  # (case, status, error) -> the record of a case not measured
+    estimate_peak_bytes: Callable[..., int]  # (case) -> bytes, to refuse a case far over the bound unrun
+
+
+def _kind(case: Case | ModelCase) -> Kind:
     if isinstance(case, ModelCase):
         from . import model
 
-        return model
-    return layer_case
+        return Kind("network", model.run_model_case, model.failed_result, model.estimate_peak_bytes)
+    return Kind("layer", layer_case.run_case, layer_case.failed_result, layer_case.estimate_peak_bytes)
 
 
 def _count_of(result: Result | ModelResult) -> tuple | None:

@@ -141,7 +141,6 @@ def run_model_case(case: ModelCase, budget_s: float = 2.0, gemm_gflops: float | 
         return _measure(case, budget_s, gemm_gflops)
 
 
-run = run_model_case  # the name the isolated runner calls each kind of case's measurement by
 
 
 def _measure(case: ModelCase, budget_s: float, gemm_gflops: float | None) -> ModelResult:
