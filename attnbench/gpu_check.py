@@ -138,9 +138,11 @@ def _check_run(checks: Checks, sub: Path, resolutions: list[int], listener: Any,
     every case timed out."""
     from . import api
     from .measure.case import Case, estimate_peak_bytes
+    from .sweep.store import ResultsStore
 
-    records = api.run(METHODS, resolutions, dtype=dtype, mode=mode, device=device, budget=budget, timeout=timeout,
-                      out=sub, mem_limit=bound, listener=listener).to_dict("records")
+    api.run(METHODS, resolutions, dtype=dtype, mode=mode, device=device, budget=budget, timeout=timeout, out=sub,
+            mem_limit=bound, listener=listener)
+    records = ResultsStore(sub).records()  # as written: a DataFrame would turn missing figures into NaN
     estimates = {(r["label"], r["resolution"]): estimate_peak_bytes(Case(r["label"], r["resolution"], dtype=dtype,
                                                                          mode=mode, device=device)) for r in records}
     checks.add(*run_lines(records, resolutions, dtype, mode), "")

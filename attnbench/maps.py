@@ -77,10 +77,9 @@ def _check_size(request: VizRequest, specs: list[str], bound: int) -> None:
 
 def plan_viz(request: VizRequest) -> tuple[tuple, int]:
     """The arguments of the bounded drawing call, and the memory bound; UsageError for bad input."""
-    from .measure.isolate import default_mem_limit_bytes
     from .report.compare import load_results
     from .content import content_tokens, load_image
-    from .sweep.plan import check_limits, parse_size, split_methods
+    from .sweep.plan import memory_bound, split_methods
     from .sweep.store import output_folder
 
     if request.kind not in KINDS:
@@ -88,8 +87,7 @@ def plan_viz(request: VizRequest) -> tuple[tuple, int]:
     if request.stride < 1:
         raise UsageError(f"--stride {request.stride} must be >= 1")
     out = output_folder(request.out, Path("results/viz"), f"{KINDS[request.kind]}.png", request.force)
-    bound = parse_size(request.mem_limit, "cpu") if request.mem_limit is not None else default_mem_limit_bytes("cpu")
-    check_limits(request.timeout, None, bound, request.mem_limit)
+    bound = memory_bound(request.mem_limit, request.timeout)
     specs = split_methods(request.methods) if request.methods else default_methods()
     _check_size(request, specs, bound)
     picture = load_image(request.image, request.resolution, request.stride)

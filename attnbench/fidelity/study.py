@@ -41,15 +41,6 @@ class StudyRequest:
     notes: list[str] = field(default_factory=list)  # filled by the check: mechanisms left out, and why
 
 
-def _bound(request: StudyRequest) -> int:
-    from ..measure.isolate import default_mem_limit_bytes
-    from ..sweep.plan import check_limits, parse_size
-
-    bound = parse_size(request.mem_limit, "cpu") if request.mem_limit is not None else default_mem_limit_bytes("cpu")
-    check_limits(request.timeout, None, bound, request.mem_limit)
-    return bound
-
-
 def _settings(request: StudyRequest, bound: int) -> fd.Settings:
     from ..measure.isolate import bounded_value
 
@@ -108,10 +99,10 @@ def plan_study(request: StudyRequest) -> tuple[fd.Study, list[Path], Path, list[
     from ..measure.isolate import bounded_value
     from ..report.compare import load_results
     from ..report.fidelity_figures import runs_on_grid
-    from ..sweep.plan import split_methods
+    from ..sweep.plan import memory_bound, split_methods
     from ..sweep.store import output_folder
 
-    bound = _bound(request)
+    bound = memory_bound(request.mem_limit, request.timeout)
     kinds = _kinds(request)
     settings = _settings(request, bound)
     settings.check()

@@ -91,9 +91,9 @@ def profile_request(spec: str, resolution: int = 1024, *, stride: int = 4, dim: 
     """`bench profile` as a library call: the case checked (refused where its estimated peak is
     over the bound), then profiled in a bounded process; (the case, its stages, ms per call)."""
     from ..errors import UsageError, usage_errors
-    from ..sweep.plan import check_limits, parse_size, resolve_device
+    from ..sweep.plan import memory_bound, resolve_device
     from .case import Case, check_case, estimate_peak_bytes
-    from .isolate import bounded_value, default_mem_limit_bytes
+    from .isolate import bounded_value
 
     with usage_errors():
         device = resolve_device(device)
@@ -102,8 +102,7 @@ def profile_request(spec: str, resolution: int = 1024, *, stride: int = 4, dim: 
         check_case(case)
         if runs < 1:
             raise UsageError(f"--runs {runs} must be >= 1")
-        bound = parse_size(mem_limit, device) if mem_limit is not None else default_mem_limit_bytes(device)
-        check_limits(timeout, None, bound, mem_limit)
+        bound = memory_bound(mem_limit, timeout, device)
         need = estimate_peak_bytes(case)
         if need > bound:
             raise UsageError(f"{spec} on {case.height}x{case.width} tokens needs about {need / 2**30:.1f} GiB "

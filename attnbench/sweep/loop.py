@@ -125,17 +125,12 @@ def run_plan(plan: Plan, executor: Any, listener: Listener | None = None) -> Res
 def _check_networks_build(checked: Checked, plan: Plan) -> None:
     """The networks' constructors (an stl:SPEC's mechanism may be a plugin's), run on the meta
     device in a bounded process."""
-    from ..measure.isolate import bounded_value, default_mem_limit_bytes
+    from ..measure.isolate import bounded_value
     from ..measure.model import check_model_builds
+    from .plan import memory_bound
 
-    bound = parse_bound(plan.mem_limit, "cpu") or default_mem_limit_bytes("cpu")
+    bound = memory_bound(plan.mem_limit, plan.timeout)
     bounded_value(check_model_builds, (checked.cases,), "checking the networks", bound, plan.timeout)
-
-
-def parse_bound(mem_limit: Any, device: str) -> int | None:
-    from .plan import parse_size
-
-    return parse_size(mem_limit, device) if mem_limit is not None else None
 
 
 def _earlier(store: ResultsStore, checked: Checked, plan: Plan, listener: Listener) -> tuple[set, list[dict[str, Any]]]:

@@ -83,6 +83,16 @@ def check_limits(timeout: float, budget: float | None = None, bound: int | None 
             raise UsageError(f"{name} {mem_limit if name == '--mem-limit' else value} must be more than 0")
 
 
+def memory_bound(mem_limit: str | int | None, timeout: float, device: str = "cpu") -> int:
+    """The bound of a process that runs mechanisms: ``mem_limit`` parsed, or 70% of the memory
+    free now; both it and ``timeout`` checked to be more than 0 (a UsageError)."""
+    from ..measure.isolate import default_mem_limit_bytes
+
+    bound = parse_size(mem_limit, device) if mem_limit is not None else default_mem_limit_bytes(device)
+    check_limits(timeout, None, bound, mem_limit)
+    return bound
+
+
 def resolve_device(device: str, executor: Any = None) -> str:
     """'auto' -> cuda when present, else cpu; 'cuda' -> 'cuda:<current>', so that every CUDA
     call and every record names its GPU; anything else as given (checked later). On a Ray
@@ -173,7 +183,7 @@ class Plan:
             raise UsageError(f"--repeat {self.repeat} must be >= 1")
         check_limits(self.timeout, self.budget, checked.bound, self.mem_limit)
         if self.plugins:
-            checked.config["plugins"] = [p for p in self.plugins if not p.startswith("by value: ")]
+            checked.config["plugins"] = list(self.plugins)  # by-value keys are added later, in the loop
         if self.tf32:  # only when given: a folder from before the option resumes as it was
             checked.config["tf32"] = True
         return checked
