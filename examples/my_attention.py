@@ -29,6 +29,7 @@ def pooled_macs(s: Shape, p: dict) -> int:
     "pooled attention: every query sees the map average-pooled p x p",
     [Param("pool", 4, "pooling window p (keys = (H/p)(W/p))", low=1)],
     macs=pooled_macs,
+    compiles=True,  # one graph under torch.compile(fullgraph=True): the contract tests check it
 )
 class PooledAttention(AttentionBase):
     output_projection = "proj"  # the Linear whose input the attention map rebuilds

@@ -37,6 +37,7 @@ def axial_rules(shape: Shape | None, p: dict) -> None:
     macs=axial_macs,
     check=axial_rules,
     demo={"stripe": 2},
+    compiles=True,
 )
 class AxialAttention(GroupedAttention):
     branch_marks = ("box", "dashed box")

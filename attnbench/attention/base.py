@@ -17,9 +17,12 @@ STAGES: set[str] = set()  # every stage name used so far
 
 def stage(name: str) -> record_function | nullcontext:
     """Names a stage of a forward pass (a profiler label) while a profiler runs, for `bench
-    profile`; otherwise nothing, so that timed calls carry no labelling overhead."""
+    profile`; otherwise nothing, so that timed calls carry no labelling overhead. Under
+    torch.compile it is nothing at all: no side effect for dynamo to guard on, no graph break."""
+    if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
+        return nullcontext()
     STAGES.add(name)
-    return record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
+    return record_function(name)
 
 
 def linear_rows(x: Tensor, linear: nn.Linear, rows: Sequence[slice]) -> list[Tensor]:

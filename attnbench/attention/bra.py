@@ -112,6 +112,7 @@ def bra_rules(shape: Shape | None, p: dict) -> None:
     workspace_bytes=bra_workspace,
     baseline={"impl": "gather"},
     demo={"n_win": 4, "topk": 4},
+    compiles=True,
 )
 class BiLevelRoutingAttention(AttentionBase):
     output_projection = "wo"

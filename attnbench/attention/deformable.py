@@ -69,6 +69,7 @@ def deformable_rules(shape: Shape | None, p: dict) -> None:
     macs=deformable_macs,
     check=deformable_rules,
     demo={"stride": 4},
+    compiles=True,
 )
 class DeformableAttention(AttentionBase):
     output_projection = "proj_out"

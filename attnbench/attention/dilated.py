@@ -43,6 +43,7 @@ def dilated_rules(shape: Shape | None, p: dict) -> None:
     macs=dilated_macs,
     check=dilated_rules,
     demo={"window_size": 6, "dilation": 3},
+    compiles=True,
 )
 class DilatedAttention(GroupedAttention):
     branch_marks = ("points",)

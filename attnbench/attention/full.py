@@ -30,6 +30,7 @@ def full_workspace(s: Shape, p: dict) -> int:
     workspace_bytes=full_workspace,
     baseline={"impl": "naive"},
     reference=True,
+    compiles=True,
 )
 class FullAttention(GroupedAttention):
     def __init__(self, dim: int, num_heads: int, impl: str = "sdpa") -> None:

@@ -9,7 +9,7 @@ the map is the forward's own computation restricted to a few queries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -33,14 +33,12 @@ class GroupLayout:
     clean: int  # groups [0, clean) need no mask
     identity: bool = False  # one group holding every token in order (full attention)
     padded: bool = False  # some slots are padding
+    # plain numbers, not properties: torch.compile reads a layout's fields as constants
+    groups: int = field(init=False)
+    size: int = field(init=False)  # slots per group
 
-    @property
-    def groups(self) -> int:
-        return self.index.shape[0]
-
-    @property
-    def size(self) -> int:
-        return self.index.shape[1]
+    def __post_init__(self) -> None:
+        self.groups, self.size = self.index.shape
 
     def to(self, device: torch.device) -> "GroupLayout":
         mask = None if self.mask is None else self.mask.to(device)
@@ -212,6 +210,7 @@ class GroupedAttention(AttentionBase):
     def build_branches(self, H: int, W: int) -> list[tuple[slice, GroupLayout]]:
         raise NotImplementedError
 
+    @torch.compiler.assume_constant_result  # built from the shape alone: a constant to torch.compile
     def branches(self, H: int, W: int, device: torch.device) -> list[tuple[slice, GroupLayout]]:
         H, W = int(H), int(W)  # plain ints, also while fvcore traces
         key = (H, W, str(device))

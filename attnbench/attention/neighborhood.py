@@ -167,6 +167,7 @@ def check_map_size(H: int, W: int, k: int, d: int) -> None:
     workspace_bytes=neighborhood_workspace,
     check=neighborhood_rules,
     baseline={"impl": "gather"},
+    compiles=True,
 )
 class NeighborhoodAttention(AttentionBase):
     output_projection = "proj"
@@ -190,6 +191,7 @@ class NeighborhoodAttention(AttentionBase):
 
     # -- the neighbourhood, one definition for both implementations and the map ---------------
 
+    @torch.compiler.assume_constant_result  # from the shape alone: a constant to torch.compile
     def neighbours(self, H: int, W: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(N, k^2) flat ids of each token's neighbours, and their index into the bias table."""
         key = ("gather", H, W, str(device))
@@ -207,6 +209,7 @@ class NeighborhoodAttention(AttentionBase):
         rel = (dy[:, None, :, None] * (2 * k - 1) + dx[None, :, None, :]).reshape(H * W, k * k)
         return ids.to(device), rel.to(device)
 
+    @torch.compiler.assume_constant_result  # from the shape alone: a constant to torch.compile
     def classes(self, H: int, W: int, device: torch.device) -> tuple[list[TileClass], Tensor]:
         """The tile classes and, per token, its row in the classes' concatenated real outputs."""
         key = ("tiled", H, W, str(device))

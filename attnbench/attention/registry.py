@@ -117,6 +117,7 @@ class AttentionInfo:
     demo: dict[str, Any] = field(default_factory=dict)  # legible settings for bench viz
     source: str = ""  # where it was registered: a module, a file or a distribution
     check: CheckFn | None = None  # rules on (shape, params) beyond each parameter's range
+    compiles: bool = False  # one graph under torch.compile(fullgraph=True), no recompiles at a fixed shape
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -164,6 +165,7 @@ def register_attention(
     reference: bool = False,
     demo: dict[str, Any] | None = None,
     check: CheckFn | None = None,
+    compiles: bool = False,
 ) -> Callable[[type], type]:
     """Class decorator: add a mechanism under ``name``.
 
@@ -178,6 +180,9 @@ def register_attention(
     params)``: the rules beyond each parameter's own range (one parameter against another, or
     against the map), raising a ValueError; it must build and run nothing, since the harness
     calls it in its own process to refuse a case before any of the mechanism's code runs.
+    ``compiles=True`` promises that its forward and backward compile as one graph
+    (``torch.compile(fullgraph=True)``) and do not recompile at a fixed shape; the contract
+    tests hold it to that.
     """
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
         raise ValueError(f"mechanism name {name!r} is not allowed; use letters, digits, '_', '-' and '.' (no ':' or ',')")
@@ -195,7 +200,7 @@ def register_attention(
                 raise ValueError(f"'{name}' ({source}) claims to be the reference mechanism, "
                                  f"but '{taken[0].name}' ({taken[0].source}) is")
         info = AttentionInfo(name, cls, description, tuple(params), macs, workspace_bytes, dict(baseline or {}),
-                             reference, dict(demo or {}), source, check)
+                             reference, dict(demo or {}), source, check, compiles)
         for key, value in {**info.baseline, **info.demo}.items():
             info.param(key).coerce(value)  # a typo in the declaration fails here, not in a report
         _REGISTRY[name] = info

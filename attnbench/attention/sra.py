@@ -49,6 +49,7 @@ def sra_rules(shape: Shape | None, p: dict) -> None:
     macs=sra_macs,
     check=sra_rules,
     demo={"sr_ratio": 4},
+    compiles=True,
 )
 class SpatialReductionAttention(AttentionBase):
     output_projection = "proj"

@@ -65,6 +65,7 @@ def window_rules(shape: Shape | None, p: dict) -> None:
     macs=window_macs,
     check=window_rules,
     demo={"window_size": 8},
+    compiles=True,
 )
 class WindowAttention(GroupedAttention):
     branch_marks = ("box",)

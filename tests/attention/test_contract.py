@@ -175,3 +175,34 @@ def test_declared_settings_build(name):
     assert info.description
     for p in info.params:
         assert p.help and p.allowed()
+
+
+def _compiled_calls(spec: str, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager and compiled (fullgraph, dynamo's eager backend: the graph capture without the
+    code generation) outputs of two calls at one shape; a graph break or a recompile raises."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    module = build_attention(spec, DIM, HEADS)
+    x = rand_x(12, 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.set_grad_enabled(grad):
+        for _ in range(2):
+            got = compiled(x.clone().requires_grad_(grad))
+            if grad:
+                got.sum().backward()
+        want = module(x)
+    return got.detach(), want.detach()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwdbwd"])
+@pytest.mark.parametrize("spec", [s for s in SPECS if attention_info(s.split(":")[0]).compiles])
+def test_a_mechanism_that_says_it_compiles_is_one_graph_without_recompiles(spec, grad):
+    got, want = _compiled_calls(spec, grad)
+    assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()
+
+
+def test_every_built_in_says_it_compiles():
+    built_in = [i for i in list_attentions() if i.source.startswith("attnbench.attention")]
+    assert len(built_in) == 8 and all(i.compiles for i in built_in), [i.name for i in built_in if not i.compiles]

@@ -27,6 +27,7 @@ def linear_macs(s: Shape, p: dict) -> int:
     "linear attention (Katharopoulos et al. 2020): elu+1 feature maps, cost linear in the tokens",
     [Param("eps", 1e-6, "added to the normaliser", low=0.0)],
     macs=linear_macs,
+    compiles=True,  # one graph under torch.compile(fullgraph=True): the contract tests check it
 )
 class LinearAttention(AttentionBase):
     output_projection = "proj"
