@@ -7,9 +7,9 @@ test holds count(B) = B x count(1)), per module from the same trace and summed o
 parts the backbone declares (:func:`attnbench.backbones.breakdown.parts`).
 Time by part: measured, not apportioned by MACs. After the latency is measured, further
 inference forwards run with a forward pre-hook and a forward hook on each part, which read
-the clock (after a device synchronise on CUDA) on entry and exit; each part's time is its
-median over those calls, and ``other`` is the rest of the hooked call (the hooks' own cost
-included). The latency itself is timed without hooks. For fwdbwd cases the breakdown is of
+the clock (after a device synchronise on CUDA) on entry and exit; the parts are read from
+the call whose total is the median, and ``other`` is the rest of that call (the hooks' own
+cost included). The latency itself is timed without hooks. For fwdbwd cases the breakdown is of
 the forward. On CUDA each hook synchronises the device, so the queue drains at every part
 boundary: a part's time then includes launching its kernels with nothing queued ahead, and
 at batch 1, where a small part's kernels take microseconds, that launch latency and the
@@ -21,7 +21,6 @@ the clock reads.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -227,8 +226,10 @@ def _step(model: torch.nn.Module, images: torch.Tensor, mode: str) -> Callable[[
 
 def time_parts(model: torch.nn.Module, images: torch.Tensor, model_parts: list[Part], device: torch.device,
                budget_s: float = 1.0, max_calls: int = 5, per_call_s: float = 0.0) -> tuple[dict[str, float], float]:
-    """Each part's milliseconds in an inference forward (median over calls) and the median
-    hooked call's total. At least one call; more while ``budget_s`` lasts, up to ``max_calls``."""
+    """Each part's milliseconds in an inference forward and that call's total: the call
+    whose total is the median (the lower middle of an even count), so that the parts are
+    read from the same call as the total and never sum to more than it. At least one call;
+    more while ``budget_s`` lasts, up to ``max_calls``."""
     entered: dict[str, float] = {}
     spent: dict[str, float] = {}
 
@@ -252,20 +253,20 @@ def time_parts(model: torch.nn.Module, images: torch.Tensor, model_parts: list[P
         handles.append(p.module.register_forward_hook(leave(p.name)))
     forward = _inference(model, images)
     calls = max(1, min(max_calls, int(budget_s / per_call_s) if per_call_s > 0 else max_calls))
-    per_part: dict[str, list[float]] = {p.name: [] for p in model_parts}
-    totals = []
+    readings: list[tuple[float, dict[str, float]]] = []  # (total, each part) per call
     try:
         for _ in range(calls):
             spent.clear()
             start = clock()
             forward()
-            totals.append((clock() - start) * 1e3)
-            for name in per_part:
-                per_part[name].append(spent.get(name, 0.0) * 1e3)
+            total = (clock() - start) * 1e3
+            readings.append((total, {p.name: spent.get(p.name, 0.0) * 1e3 for p in model_parts}))
     finally:
         for h in handles:
             h.remove()
-    return {name: statistics.median(v) for name, v in per_part.items()}, statistics.median(totals)
+    readings.sort(key=lambda reading: reading[0])
+    total, by_part = readings[(len(readings) - 1) // 2]
+    return by_part, total
 
 
 @dataclass
