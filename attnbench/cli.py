@@ -178,7 +178,7 @@ class _Progress(Listener):
         console.print(f"[yellow]note:[/] {escape(text)}")
 
     def calibrating(self, where: str) -> None:
-        console.print(f"calibrating: dense GEMM {where} ...")
+        console.print(f"calibrating: dense GEMM and triad bandwidth {where} ...")
 
     def started(self, todo, total, folder, nodes, local) -> None:
         from .measure.case import case_key
@@ -186,8 +186,8 @@ class _Progress(Listener):
 
         self.todo, self.folder = len(todo), folder
         self.names = {(case_key(c) if hasattr(c, "spec") else model_case_key(c)): _case_name(c) for c in todo}
-        rates = ", ".join(f"{n['host']}: {n['device_name']}, GEMM {n['gemm_gflops']:.0f} GFLOP/s, {n['threads']} threads"
-                          for n in nodes)
+        rates = ", ".join(f"{n['host']}: {n['device_name']}, GEMM {n['gemm_gflops']:.0f} GFLOP/s, "
+                          f"triad {n.get('bandwidth_gbs') or 0:.0f} GB/s, {n['threads']} threads" for n in nodes)
         console.print(f"{total} cases ({total - len(todo)} already done) -> {folder}  [{rates}]")
         self.bar = _bar(TextColumn("ETA"), TimeRemainingColumn())
         self.bar.start()

@@ -72,12 +72,16 @@ class Result:
     peak_mem_mb: float | None = None  # MiB (2^20 bytes) beyond inputs and weights
     gflops: float | None = None  # 2 * MACs (x3 for fwdbwd) / latency
     gemm_fraction: float | None = None  # gflops / the calibration GEMM's rate
+    bytes: int | None = None  # what its eager ops read and write in one call (attnbench.measure.traffic)
+    intensity: float | None = None  # FLOPs (as gflops counts them) per byte
+    roofline_fraction: float | None = None  # gflops / min(gemm_gflops, bandwidth_gbs x intensity)
     compile_s: float | None = None
     threads: int | None = None
     # the machine that measured it (a sweep over a Ray cluster, or a merged store, holds several)
     host: str = ""
     device_name: str = ""
     gemm_gflops: float | None = None  # that machine's calibration GEMM: gemm_fraction's denominator
+    bandwidth_gbs: float | None = None  # that machine's triad bandwidth, GB/s: the roofline's other ceiling
     status: str = "ok"  # ok | oom | timeout | error | invalid (an output of the wrong shape or dtype, or not finite)
     error: str = ""
     reference: bool = False  # the suite's reference case (fused full attention): relative columns divide by it
@@ -236,6 +240,9 @@ class ModelResult:
     peak_mem_mb: float | None = None
     gflops: float | None = None
     gemm_fraction: float | None = None
+    bytes: int | None = None  # as a layer record's, for the whole call
+    intensity: float | None = None
+    roofline_fraction: float | None = None
     compile_s: float | None = None
     threads: int | None = None
     # forward MACs by component, and the time by component of an inference forward, timed
@@ -249,10 +256,21 @@ class ModelResult:
     ms_conv_norm: float | None = None
     ms_other: float | None = None
     breakdown_ms: float | None = None
+    # bytes by component in one inference forward, and each component's roofline fraction
+    # (its forward FLOPs over its time by part, against the roof at its own intensity)
+    bytes_attention: int | None = None
+    bytes_mlp: int | None = None
+    bytes_conv_norm: int | None = None
+    bytes_other: int | None = None
+    roofline_attention: float | None = None
+    roofline_mlp: float | None = None
+    roofline_conv_norm: float | None = None
+    roofline_other: float | None = None
     stages: str = ""  # JSON: stage ("1".."4", "head") -> {"macs": {component: n}, "ms": {component: ms}}
     host: str = ""
     device_name: str = ""
     gemm_gflops: float | None = None
+    bandwidth_gbs: float | None = None
     status: str = "ok"
     error: str = ""
     schema: int = SCHEMA_VERSION

@@ -1,5 +1,5 @@
 """Where a sweep's cases run. An executor first calibrates each machine it will use (its
-environment and dense-GEMM rate), then runs cases and yields each result as it finishes;
+environment, dense-GEMM rate and triad bandwidth: the roofline's two ceilings), then runs cases and yields each result as it finishes;
 ``bench run`` is the only writer of the results store. Every case runs as
 :func:`attnbench.measure.run_isolated` runs it: its own process, memory bound, timeout, status.
 
@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
+
+from .. import roofline
+from ..schema import COMPONENTS
 
 EXECUTORS = ("local", "ray")
 
@@ -68,7 +71,7 @@ def calibrate_here(settings: Settings) -> dict[str, Any]:
     """This machine's environment and GEMM rate, under the run's thread count."""
     import socket
 
-    from ..measure import environment, gemm_gflops
+    from ..measure import environment, gemm_gflops, triad_gbs
     from ..measure.case import DTYPES, float32_precision, torch_threads
     from ..measure.device import refuse_exclusive_mode, resolve
 
@@ -77,6 +80,7 @@ def calibrate_here(settings: Settings) -> dict[str, Any]:
         env = environment(settings.device)
         env["host"] = socket.gethostname()
         env["gemm_gflops"] = gemm_gflops(settings.device, DTYPES[settings.dtype])
+        env["bandwidth_gbs"] = triad_gbs(settings.device)
     env["mem_limit_bytes"] = settings.mem_limit_bytes
     return env
 
@@ -97,9 +101,23 @@ def stamp(result: Any, node: dict[str, Any]) -> Any:
     result.host = node["host"]
     result.device_name = node["device_name"]
     result.gemm_gflops = node["gemm_gflops"]
+    result.bandwidth_gbs = node.get("bandwidth_gbs")
     if result.threads is None:
         result.threads = node["threads"]
+    place_on_roofline(result)
     return result
+
+
+def place_on_roofline(result: Any) -> None:
+    """``roofline_fraction`` from the record's rate, intensity and machine, and for a network
+    each component's (its forward FLOPs over its time by part, at its own intensity)."""
+    ceilings = result.gemm_gflops, result.bandwidth_gbs
+    result.roofline_fraction = roofline.fraction(result.gflops, result.intensity, *ceilings)
+    for c in COMPONENTS if hasattr(result, "roofline_attention") else ():
+        macs, ms, moved = (getattr(result, f"{what}_{c}") for what in ("macs", "ms", "bytes"))
+        gflops = 2 * macs / (ms * 1e-3) / 1e9 if macs and ms else None
+        setattr(result, f"roofline_{c}", roofline.fraction(gflops, roofline.intensity(2 * macs if macs else None,
+                                                                                        moved), *ceilings))
 
 
 def combined_environment(nodes: list[dict[str, Any]], executor: str) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..attention import Shape, attention_info, build_attention, canonical, format_spec
+from ..attention import AttentionBase, Shape, attention_info, build_attention, canonical, format_spec
+from .. import roofline
 from ..attention.registry import check_spec
 from ..schema import DTYPE_NAMES, MODES, SCHEMA_VERSION, Case, Result, key_of
 from . import device as devices  # tensor_device looked up on the module: tests stand in for it
@@ -18,6 +19,7 @@ from .device import resolve, supports_dtype, synchronize
 from .flops import MacCount, count_macs
 from .memory import peak_memory_bytes
 from .timing import time_call
+from .traffic import bytes_moved
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 DEVICE_DTYPES = {"cpu": ("float32", "bfloat16", "float64"), "cuda": ("float32", "float16", "bfloat16", "float64")}
@@ -281,10 +283,8 @@ def run_case(case: Case, budget_s: float = 2.0, gemm_gflops: float | None = None
 def _measure(case: Case, budget_s: float, gemm_gflops: float | None, macs: tuple[MacCount | None, str] | None) -> Result:
     device = check_device(case.device, case.dtype)
     macs, macs_method = macs if macs is not None else macs_of(case)
-    module, x = build_case(case)
-    if case.compile:
-        module = torch.compile(module)
-    step = make_step(module, x, case.mode)
+    eager, x = build_case(case)
+    step = make_step(compiled(eager) if case.compile else eager, x, case.mode)
     first_s, out = _first_call(step, device)  # compiles, fills caches, lazy init; not measured
     check_output(out, case)
     del out
@@ -293,7 +293,9 @@ def _measure(case: Case, budget_s: float, gemm_gflops: float | None, macs: tuple
         compile_s, first_s = first_s, _call_seconds(step, device)
     peak = peak_memory_bytes(step, device, before=getattr(step, "clear", None))
     timing = time_call(step, device, budget_s=budget_s, per_call_s=first_s)
-    gflops = 2 * MODE_MAC_FACTOR[case.mode] * macs.total / (timing.median_ms * 1e-3) / 1e9 if macs else None
+    flops = 2 * MODE_MAC_FACTOR[case.mode] * macs.total if macs else None
+    gflops = flops / (timing.median_ms * 1e-3) / 1e9 if flops else None
+    moved = bytes_moved(make_step(eager, x, case.mode))  # the eager ops', compiled or not
     return result_for(
         case,
         macs=macs.total if macs else None,
@@ -305,9 +307,19 @@ def _measure(case: Case, budget_s: float, gemm_gflops: float | None, macs: tuple
         peak_mem_mb=peak / 2**20,
         gflops=gflops,
         gemm_fraction=gflops / gemm_gflops if gflops and gemm_gflops else None,
+        bytes=moved,
+        intensity=roofline.intensity(flops, moved),
         compile_s=compile_s,
         threads=torch.get_num_threads(),
     )
+
+
+def compiled(module: torch.nn.Module) -> Callable[..., Any]:
+    """``torch.compile(module)``, with ``fullgraph=True`` where every mechanism inside it
+    declares ``compiles=True``: a graph break there fails the case instead of quietly
+    measuring the compiler's fallback."""
+    mechanisms = [m.mechanism for m in module.modules() if isinstance(m, AttentionBase)]
+    return torch.compile(module, fullgraph=all(attention_info(name).compiles for name in mechanisms))
 
 
 def failed_result(case: Case, status: str, error: str) -> Result:

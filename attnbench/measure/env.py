@@ -114,3 +114,24 @@ def _cpu_gemm_side(dtype: torch.dtype) -> int:
             break
         n *= 2
     return n
+
+
+def triad_gbs(device: str = "cpu", budget_s: float = 1.0, mib: int | None = None) -> float:
+    """Memory bandwidth in GB/s (1e9 bytes) by a STREAM-like triad, ``a = b + s * c``, in
+    float32 on three arrays of ``mib`` MiB each (256 on the CPU, 1024 on CUDA: far beyond any
+    last-level cache, so each call streams them from memory), median of timed calls. Bytes
+    per call are STREAM's count, 3 x the array size (read b and c, write a; the write
+    allocate a cache may add is not counted), so this is the figure STREAM would report."""
+    dev = resolve(device)
+    mib = mib or (1024 if dev.type == "cuda" else 256)
+    median_ms = _time_triad(dev, mib * 2**20 // 4, budget_s)
+    release_cache(dev)
+    return 3 * mib * 2**20 / (median_ms * 1e-3) / 1e9
+
+
+def _time_triad(dev: torch.device, n: int, budget_s: float) -> float:
+    place = devices.tensor_device(dev)
+    b = torch.rand(n, device=place)
+    c = torch.rand(n, device=place)
+    a = torch.empty(n, device=place)
+    return time_call(lambda: torch.add(b, c, alpha=3.0, out=a), dev, budget_s=budget_s).median_ms

@@ -27,15 +27,17 @@ from typing import Any, Callable
 
 import torch
 
+from .. import roofline
 from ..backbones import build_model
 from ..backbones.breakdown import Part, parts
 from ..schema import COMPONENTS, SCHEMA_VERSION, ModelCase, ModelResult, model_key_of
 from . import device as devices
-from .case import DTYPES, MODE_MAC_FACTOR, _call_seconds, check_device, check_how, torch_threads
+from .case import DTYPES, MODE_MAC_FACTOR, _call_seconds, check_device, check_how, compiled, torch_threads
 from .device import resolve, synchronize
 from .flops import MacCount, count_macs
 from .memory import peak_memory_bytes
 from .timing import time_call
+from .traffic import bytes_by_module, bytes_moved
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
@@ -158,8 +160,7 @@ def _measure(case: ModelCase, budget_s: float, gemm_gflops: float | None) -> Mod
         count = count_macs(model, one, by_module=True, warm=False)
     else:
         count = count_macs(model, one, by_module=True)
-    compiled = torch.compile(model) if case.compile else model
-    step = _step(compiled, images, case.mode)
+    step = _step(compiled(model) if case.compile else model, images, case.mode)
     compile_s = None
     if case.compile or case.batch > 1 or case.mode != "fwd":
         first_s = _call_seconds(step, device)
@@ -172,10 +173,13 @@ def _measure(case: ModelCase, budget_s: float, gemm_gflops: float | None) -> Mod
                                      per_call_s=timing.median_ms / 1e3)
 
     total = count.total * case.batch
-    gflops = 2 * MODE_MAC_FACTOR[case.mode] * total / (timing.median_ms * 1e-3) / 1e9
+    flops = 2 * MODE_MAC_FACTOR[case.mode] * total
+    gflops = flops / (timing.median_ms * 1e-3) / 1e9
+    moved = bytes_moved(_step(model, images, case.mode))  # the eager ops', compiled or not
     by_component, by_stage = _sum_parts(model_parts, count, part_ms, case.batch)
     fields: dict[str, Any] = {f"macs_{c}": by_component["macs"].get(c, 0) for c in COMPONENTS}
     fields.update({f"ms_{c}": by_component["ms"].get(c, 0.0) for c in COMPONENTS})
+    fields.update(_bytes_by_component(model, images, model_parts))
     fields["ms_other"] = max(part_total - sum(by_component["ms"].get(c, 0.0) for c in COMPONENTS if c != "other"), 0.0)
     return model_result_for(
         case,
@@ -189,12 +193,23 @@ def _measure(case: ModelCase, budget_s: float, gemm_gflops: float | None) -> Mod
         peak_mem_mb=peak / 2**20,
         gflops=gflops,
         gemm_fraction=gflops / gemm_gflops if gemm_gflops else None,
+        bytes=moved,
+        intensity=roofline.intensity(flops, moved),
         compile_s=compile_s,
         threads=torch.get_num_threads(),
         breakdown_ms=part_total,
         stages=json.dumps(by_stage),
         **fields,
     )
+
+
+def _bytes_by_component(model: torch.nn.Module, images: torch.Tensor, model_parts: list[Part]) -> dict[str, int]:
+    """bytes_<component>: what each component's parts move in one inference forward."""
+    _, by_part = bytes_by_module(_inference(model, images), {p.name: p.module for p in model_parts})
+    out = {f"bytes_{c}": 0 for c in COMPONENTS}
+    for p in model_parts:
+        out[f"bytes_{p.component}"] += by_part.get(p.name, 0)
+    return out
 
 
 def _inference(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], Any]:

@@ -56,6 +56,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, str]]:
             "images/s": _num(r.get("images_per_s"), ".2f") if ok else "-",
             "peak MiB": _num(r.get("peak_mem_mb"), ".0f") if ok else "-",
             "GEMM %": _num(100 * r["gemm_fraction"], ".0f") if ok and pd.notna(r.get("gemm_fraction")) else "-",
+            "roofline %": _num(100 * r["roofline_fraction"], ".0f") if ok and pd.notna(r.get("roofline_fraction")) else "-",
             "attention % of time": _num(100 * r["attention_ms_share"], ".0f"),
             "attention % of MACs": _num(100 * r["attention_macs_share"], ".0f"),
             "status": r["status"] if ok else f"{r['status']}: {str(r.get('error', '')).splitlines()[0][:60] if r.get('error') else ''}",
@@ -84,6 +85,9 @@ def breakdown_rows(records: list[dict[str, Any]]) -> list[dict[str, str]]:
         row = {"model": str(r["label"]), "size": r["size"], "batch": str(r["batch"])}
         for c in COMPONENTS:
             row[f"{COMPONENT_NAMES[c]} % time / % MACs"] = f"{100 * r[f'ms_{c}'] / ms:.0f} / {100 * r[f'macs_{c}'] / macs:.0f}"
+        for c in COMPONENTS:
+            roof = r.get(f"roofline_{c}")
+            row[f"{COMPONENT_NAMES[c]} % of roofline"] = _num(100 * roof if pd.notna(roof) else None, ".0f")
         row["hooked forward ms"] = f"{r['breakdown_ms']:.1f}"
         rows.append(row)
     return rows
@@ -255,5 +259,7 @@ def plot_stages(df: pd.DataFrame, out: Path, svg: bool = True) -> list[Path]:
 
 def plot_all(records: list[dict[str, Any]], out: Path, gemm_gflops: float | None = None, svg: bool = True) -> list[Path]:
     df = frame(records)
+    from .roofline import plot_networks
+
     return (plot_attention_share(df, out, svg) + plot_throughput_vs_macs(df, out, gemm_gflops, svg)
-            + plot_stages(df, out, svg))
+            + plot_stages(df, out, svg) + plot_networks(df, out, svg))

@@ -1,6 +1,6 @@
 """Plots from saved results: scaling with fitted exponents and crossovers, the cost
-frontier, and each mechanism's cost against the parameters a run varies (BRA's topk x
-n_win). Each is written as PNG and SVG. Every point is one case: results that mix
+frontier, each mechanism's cost against the parameters a run varies (BRA's topk x
+n_win), and the roofline. Each is written as PNG and SVG. Every point is one case: results that mix
 settings are refused, never averaged."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..schema import RUN_FIELDS, params_of  # noqa: E402
+from . import roofline  # noqa: E402
 from .table import frame, reference_key, references  # noqa: E402
 
 METRICS = [("latency_ms", "latency (ms)"), ("peak_mem_mb", "peak memory (MiB)"), ("gmacs", "GMACs")]
@@ -223,4 +224,5 @@ def plot_all(records: list[dict[str, Any]], out: Path | str) -> list[Path]:
             continue
         suffix = "-" + re.sub(r"[^A-Za-z0-9.]+", "-", machine).strip("-") if machine else ""
         written += plot_scaling(part, out, suffix) + plot_frontier(part, out, suffix) + plot_param_sweeps(part, out, suffix)
+        written += roofline.plot_layers(part, out, suffix)
     return written

@@ -17,6 +17,7 @@ COLUMNS = [
     "latency ms (median ± IQR)",
     "peak MiB",
     "GFLOP/s (of GEMM)",
+    "of roofline (FLOP/byte)",
     "speed-up vs full",
     "memory saving vs full",
     "speed-up vs baseline impl",
@@ -26,7 +27,9 @@ NOTE = (
     "MACs: forward multiply-accumulates, 1 multiply-add = 1 MAC (fvcore's and the Swin/BiFormer "
     "papers' unit). Latency: median and IQR of timed runs after warm-up. Peak: most MiB held by "
     "tensors during one call beyond inputs and weights. GFLOP/s: 2 x MACs / latency (x3 MACs for "
-    "fwdbwd), and its fraction of the run's dense-GEMM rate. Relative columns: fused full attention "
+    "fwdbwd), and its fraction of the run's dense-GEMM rate. Roofline: GFLOP/s over min(GEMM rate, "
+    "triad bandwidth x intensity), the intensity being FLOPs per byte its eager ops read and write "
+    "(docs/roofline.md). Relative columns: fused full attention "
     "(`full`, SDPA) at the same resolution divided by this row; the baseline column divides the "
     "mechanism's own baseline implementation (e.g. BRA's official gather) by this row."
 )
@@ -90,8 +93,9 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     for _, r in df.iterrows():
         ref = refs.get(reference_key(r))
         base = runs.get((r["mechanism"], r["baseline"], reference_key(r))) if r["baseline"] else None
-        lat, iqr, mem, macs, rate, frac = (
-            number(r.get(c)) for c in ("latency_ms", "latency_iqr_ms", "peak_mem_mb", "macs", "gflops", "gemm_fraction")
+        lat, iqr, mem, macs, rate, frac, roof, intensity = (
+            number(r.get(c)) for c in ("latency_ms", "latency_iqr_ms", "peak_mem_mb", "macs", "gflops", "gemm_fraction",
+                                       "roofline_fraction", "intensity")
         )
         ok = r["status"] == "ok"
         speed = saving = vs_base = "-"
@@ -109,6 +113,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
                 f"{lat:.2f} ± {iqr:.2f}" if ok and lat is not None else "-",
                 f"{mem:.1f}" if ok and mem is not None else "-",
                 (f"{rate:.0f}" + (f" ({frac:.0%})" if frac is not None else "")) if ok and rate is not None else "-",
+                f"{roof:.0%} ({intensity:.3g})" if ok and roof is not None and intensity is not None else "-",
                 speed,
                 saving,
                 vs_base,
@@ -138,7 +143,8 @@ def machines_text(env: dict[str, Any]) -> str:
         return (f"{n.get('device_name', '?')} ({n.get('device', '?')}, {n.get('threads', '?')} threads"
                 + (f", host {n['host']}" if n.get("host") else "") + f"), torch {n.get('torch', '?')}, attnbench commit "
                 + str(n.get("git_commit", "?"))[:12]
-                + (f", dense GEMM {n['gemm_gflops']:.0f} GFLOP/s" if n.get("gemm_gflops") else ""))
+                + (f", dense GEMM {n['gemm_gflops']:.0f} GFLOP/s" if n.get("gemm_gflops") else "")
+                + (f", triad {n['bandwidth_gbs']:.0f} GB/s" if n.get("bandwidth_gbs") else ""))
 
     nodes = env.get("nodes") or [env]
     if len(nodes) == 1:

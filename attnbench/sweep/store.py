@@ -311,7 +311,7 @@ class ResultsStore:
 def _with_machine(record: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
     """``record`` naming its machine: records written before they did take their run's env.json."""
     filled = dict(record)
-    for field in ("host", "device_name", "gemm_gflops", "threads"):
+    for field in ("host", "device_name", "gemm_gflops", "bandwidth_gbs", "threads"):
         if filled.get(field) in (None, ""):
             filled[field] = env.get(field, filled.get(field))
     return filled

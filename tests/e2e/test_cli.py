@@ -41,16 +41,18 @@ def test_list_shows_the_mechanisms_and_the_presets():
 def test_run_writes_every_file(tiny_run):
     out, output = tiny_run
     for name in ("results.csv", "results.jsonl", "env.json", "config.json", "summary.md",
-                 "scaling.png", "scaling.svg", "frontier.png", "frontier.svg"):
+                 "scaling.png", "scaling.svg", "frontier.png", "frontier.svg", "roofline.png", "roofline.svg"):
         assert (out / name).exists(), name
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(r["status"] == "ok" for r in records)
+    for r in records:  # on the roofline: below the roof, give or take the noise of one machine's calibration
+        assert r["bytes"] > 0 and r["bandwidth_gbs"] > 0 and 0 < r["roofline_fraction"] < 1.5, r
     assert {(r["mechanism"], r["resolution"]) for r in records} == {("full", 32), ("full", 64), ("window", 32), ("window", 64)}
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == RESULT_COLUMNS and len(rows) == 4
     env = json.loads((out / "env.json").read_text())
-    assert env["torch"] == torch.__version__ and env["gemm_gflops"] > 0
+    assert env["torch"] == torch.__version__ and env["gemm_gflops"] > 0 and env["bandwidth_gbs"] > 0
     summary = (out / "summary.md").read_text()
     assert "| mechanism | tokens | GMACs |" in summary and "1 multiply-add = 1 MAC" in summary
     assert "window:window_size=4" in summary and "16x16" in summary

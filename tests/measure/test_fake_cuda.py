@@ -176,6 +176,8 @@ def forked(fake, monkeypatch):
     # the calibration's 8192^2 GEMM would run on this CPU; it has its own test above
     real = measure.gemm_gflops
     monkeypatch.setattr(measure, "gemm_gflops", lambda device, dtype=torch.float32: real(device, dtype, n=64, budget_s=0.01))
+    triad = measure.triad_gbs  # and its triad three arrays of 1 GiB
+    monkeypatch.setattr(measure, "triad_gbs", lambda device: triad(device, budget_s=0.01, mib=1))
     yield fake
     forkserver._forkserver._stop()
 

@@ -17,6 +17,7 @@ from attnbench.measure import (
     closed_form_macs,
     count_macs,
     gemm_gflops,
+    triad_gbs,
     peak_memory_bytes,
     run_case,
     run_isolated,
@@ -228,12 +229,18 @@ def test_run_case_fills_the_record():
     assert r.peak_mem_mb > 0
     assert math.isclose(r.gflops, 2 * r.macs / (r.latency_ms * 1e-3) / 1e9)
     assert math.isclose(r.gemm_fraction, r.gflops / 100.0)
+    assert r.bytes > 16 * 16 * 32 * 4 * 2  # at least its input read and its output written
+    assert math.isclose(r.intensity, 2 * r.macs / r.bytes)
     assert r.threads == torch.get_num_threads()
     assert "topk" in r.uncounted_ops
 
 
 def test_gemm_calibration_gives_a_rate():
     assert gemm_gflops("cpu", n=256, budget_s=0.05) > 0.1
+
+
+def test_the_triad_gives_a_bandwidth():
+    assert 0.1 < triad_gbs("cpu", budget_s=0.05, mib=8) < 10_000
 
 
 @pytest.mark.parametrize(

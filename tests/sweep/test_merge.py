@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from attnbench.report.table import frame, summary_rows
+from attnbench.report.table import COLUMNS, frame, summary_rows
 from attnbench.schema import machine_labels
 from conftest import bench
 
@@ -59,7 +59,7 @@ def test_relative_figures_divide_by_the_same_machines_reference():
               "latency_ms": 5.0}
     records = [base, window, {**base, "host": "b", "device_name": "cpu B", "latency_ms": 40.0},
                {**window, "host": "b", "device_name": "cpu B", "latency_ms": 10.0}]
-    rows = {row[0]: row[6] for row in summary_rows(records)}  # speed-up vs full
+    rows = {row[0]: row[COLUMNS.index("speed-up vs full")] for row in summary_rows(records)}
     assert rows == {"full · cpu A on a": "1x", "window · cpu A on a": "2x", "full · cpu B on b": "1x",
                     "window · cpu B on b": "4x"}
     assert len(frame(records)) == 4  # one case on two machines is two records, not a duplicate

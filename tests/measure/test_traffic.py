@@ -1,0 +1,47 @@
+"""The bytes a call moves (attnbench.measure.traffic): the traffic side of the roofline."""
+
+import torch
+import torch.nn as nn
+
+from attnbench import build_attention
+from attnbench.measure.traffic import bytes_by_module, bytes_moved, tensor_bytes
+
+F32 = 4
+
+
+def test_a_matmul_reads_both_operands_and_writes_its_product_once():
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    assert bytes_moved(lambda: a @ b) == (64 * 32 + 32 * 16 + 64 * 16) * F32
+
+
+def test_views_move_nothing_and_a_copy_moves_its_tensor_twice():
+    x = torch.randn(8, 16, 32)
+    assert bytes_moved(lambda: x.transpose(0, 2)[1:].unsqueeze(0)) == 0
+    assert bytes_moved(lambda: x.transpose(0, 2).contiguous()) == 2 * x.numel() * F32
+
+
+def test_an_expanded_dimension_counts_once():
+    row = torch.randn(1, 100)
+    assert tensor_bytes(row.expand(50, 100)) == 100 * F32
+    assert bytes_moved(lambda: row.expand(50, 100) + 1.0) == (100 + 50 * 100) * F32
+
+
+def test_backward_is_counted_with_the_forward():
+    module = build_attention("window:window_size=4", 32, 2)
+    x = torch.randn(1, 16, 16, 32)
+    with torch.inference_mode():
+        forward = bytes_moved(lambda: module(x))
+    y = x.clone().requires_grad_()
+    both = bytes_moved(lambda: module(y).sum().backward())
+    assert forward > 2 * x.numel() * F32 and both > 2 * forward
+
+
+def test_bytes_by_module_split_the_call_where_the_modules_run():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        total, parts = bytes_by_module(lambda: model(x), {"0": model[0], "2": model[2]})
+    # addmm reads bias, input and weight, writes the output
+    assert parts == {"0": (32 + 4 * 16 + 16 * 32 + 4 * 32) * F32, "2": (8 + 4 * 32 + 32 * 8 + 4 * 8) * F32}
+    assert total == parts["0"] + parts["2"] + 2 * 4 * 32 * F32  # and the ReLU between them
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # the hooks are gone afterwards
