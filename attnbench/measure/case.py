@@ -284,18 +284,19 @@ def _measure(case: Case, budget_s: float, gemm_gflops: float | None, macs: tuple
     device = check_device(case.device, case.dtype)
     macs, macs_method = macs if macs is not None else macs_of(case)
     eager, x = build_case(case)
-    step = make_step(compiled(eager) if case.compile else eager, x, case.mode)
+    eager_step = make_step(eager, x, case.mode)
+    step = make_step(compiled(eager), x, case.mode) if case.compile else eager_step
     first_s, out = _first_call(step, device)  # compiles, fills caches, lazy init; not measured
     check_output(out, case)
     del out
     compile_s = None
     if case.compile:
         compile_s, first_s = first_s, _call_seconds(step, device)
-    peak = peak_memory_bytes(step, device, before=getattr(step, "clear", None))
+    peak = peak_memory_bytes(step, device, before=getattr(step, "clear", None), eager=eager_step)
     timing = time_call(step, device, budget_s=budget_s, per_call_s=first_s)
     flops = 2 * MODE_MAC_FACTOR[case.mode] * macs.total if macs else None
     gflops = flops / (timing.median_ms * 1e-3) / 1e9 if flops else None
-    moved = bytes_moved(make_step(eager, x, case.mode))  # the eager ops', compiled or not
+    moved = bytes_moved(eager_step)  # the eager ops', compiled or not
     return result_for(
         case,
         macs=macs.total if macs else None,

@@ -58,16 +58,19 @@ class TensorMemoryTracker(TorchDispatchMode):
         return out
 
 
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device, before: Callable[[], None] | None = None) -> int:
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device, before: Callable[[], None] | None = None,
+                      eager: Callable[[], Any] | None = None) -> int:
     """Peak bytes held by tensors during ``fn()`` beyond those alive before it; ``before`` runs
-    first (freeing what a previous call left, such as its gradients)."""
+    first (freeing what a previous call left, such as its gradients). Where there are no
+    device statistics the tracker follows ``eager`` instead, if given: the same call without
+    torch.compile, since compiled code runs no dispatch mode (dynamo refuses to run under one)."""
     if before is not None:
         before()
     measured = peak_bytes(fn, device)
     if measured is not None:
         return measured
     with TensorMemoryTracker() as tracker:
-        result = fn()
+        result = (eager or fn)()
         del result
     return tracker.peak
 

@@ -160,13 +160,14 @@ def _measure(case: ModelCase, budget_s: float, gemm_gflops: float | None) -> Mod
         count = count_macs(model, one, by_module=True, warm=False)
     else:
         count = count_macs(model, one, by_module=True)
-    step = _step(compiled(model) if case.compile else model, images, case.mode)
+    eager_step = _step(model, images, case.mode)
+    step = _step(compiled(model), images, case.mode) if case.compile else eager_step
     compile_s = None
     if case.compile or case.batch > 1 or case.mode != "fwd":
         first_s = _call_seconds(step, device)
         if case.compile:
             compile_s, first_s = first_s, _call_seconds(step, device)
-    peak = peak_memory_bytes(step, device, before=getattr(step, "clear", None))
+    peak = peak_memory_bytes(step, device, before=getattr(step, "clear", None), eager=eager_step)
     timing = time_call(step, device, budget_s=budget_s, per_call_s=first_s)
     # calls for the breakdown from the warmed-up latency (a CUDA first call holds one-time set-up)
     part_ms, part_total = time_parts(model, images, model_parts, device, budget_s=budget_s / 2,
@@ -175,7 +176,7 @@ def _measure(case: ModelCase, budget_s: float, gemm_gflops: float | None) -> Mod
     total = count.total * case.batch
     flops = 2 * MODE_MAC_FACTOR[case.mode] * total
     gflops = flops / (timing.median_ms * 1e-3) / 1e9
-    moved = bytes_moved(_step(model, images, case.mode))  # the eager ops', compiled or not
+    moved = bytes_moved(eager_step)  # the eager ops', compiled or not
     by_component, by_stage = _sum_parts(model_parts, count, part_ms, case.batch)
     fields: dict[str, Any] = {f"macs_{c}": by_component["macs"].get(c, 0) for c in COMPONENTS}
     fields.update({f"ms_{c}": by_component["ms"].get(c, 0.0) for c in COMPONENTS})
