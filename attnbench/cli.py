@@ -530,8 +530,8 @@ def gpu_check_command(
 ) -> None:
     """The checks that need a real GPU, in one command: fast BRA against the official gather
     (topk 4 and 16, fwd and fwdbwd, float32 and bfloat16) with fused full attention as the
-    reference, the CUDA peak against the tensor tracker for the same case, and the crossover
-    resolutions. Exits 1 when a case errors, times out or runs out of memory under its
+    reference, fast BRA compiled as one graph against its eager run, the CUDA peak against the
+    tensor tracker for the same case, and the crossover resolutions. Exits 1 when a case errors, times out or runs out of memory under its
     estimate, or a check fails; checks.md is written as each step finishes."""
     from . import gpu_check as gc
 

@@ -17,6 +17,9 @@ from .measure.device import FAST_FP32_REGARDLESS
 
 METHODS = ["full", "bra:n_win=8,topk=4", "bra:n_win=8,topk=4,impl=gather", "bra:n_win=8,topk=16",
            "bra:n_win=8,topk=16,impl=gather"]
+# fast BRA compiled (fullgraph) against the same eager float32 fwd cases, at the first resolution
+COMPILED_METHODS = ["bra:n_win=8,topk=4", "bra:n_win=8,topk=16"]
+COMPILE_TIMEOUT_S = 180.0  # a case's first call compiles: Triton code generation takes tens of seconds
 # seconds a case may take: 10 cases a run, and a run whose every case times out ends the check,
 # so a hang in every case costs 5 minutes, inside one device call of 10
 TIMEOUT_S = 30.0
@@ -98,7 +101,8 @@ def run_check(out: Path, device: str, resolutions: list[int], budget: float, tim
               listener: Any = None) -> Checks:
     """The whole check into the new folder ``out``: for float32 and bfloat16 (where the device
     takes them), fwd and fwdbwd, a run of :data:`METHODS` at each resolution with its lines and
-    failures; then the peak comparison. Stops when a run's every case timed out. checks.md is
+    failures; then :data:`COMPILED_METHODS` compiled, against their float32 fwd run; then the
+    peak comparison. Stops when a run's every case timed out. checks.md is
     written after each step and however the check ends; UsageError for bad input."""
     from .errors import UsageError
     from .measure import check_device
@@ -126,6 +130,7 @@ def run_check(out: Path, device: str, resolutions: list[int], budget: float, tim
                 if not _check_run(checks, out / f"{dtype}-{mode}", resolutions, listener, **run):
                     checks.add("", "stopped: every case of that run timed out (CUDA start-up hanging?); the rest not run")
                     return checks
+        _check_compiled(checks, out, resolutions[0], device, budget, bound, listener)
         _check_peaks(checks, resolutions[0], device, timeout, bound)
         return checks
     finally:
@@ -148,6 +153,35 @@ def _check_run(checks: Checks, sub: Path, resolutions: list[int], listener: Any,
     checks.add(*run_lines(records, resolutions, dtype, mode), "")
     checks.fail(*failures(records, estimates, bound))
     return not all_timed_out(records)
+
+
+def _check_compiled(checks: Checks, out: Path, resolution: int, device: str, budget: float, bound: int,
+                    listener: Any) -> None:
+    """Fast BRA under torch.compile(fullgraph=True), float32 fwd, against its eager run."""
+    from . import api
+    from .sweep.store import ResultsStore
+
+    sub = out / "float32-fwd-compiled"
+    api.run(COMPILED_METHODS, [resolution], dtype="float32", mode="fwd", device=device, budget=budget,
+            timeout=COMPILE_TIMEOUT_S, out=sub, mem_limit=bound, listener=listener, compile=True)
+    eager = {r["label"]: r for r in ResultsStore(out / "float32-fwd").records() if r["resolution"] == resolution}
+    records = ResultsStore(sub).records()
+    checks.add(*compiled_lines(records, eager, resolution), "")
+    checks.fail(*(f"compiled {r['label']} at {resolution} px: {r['status']}" for r in records if r["status"] != "ok"))
+
+
+def compiled_lines(records: list[dict[str, Any]], eager: dict[str, dict[str, Any]], resolution: int) -> list[str]:
+    """checks.md's lines for the compiled run: each case's compile time and its speed-up on eager."""
+    lines = [f"## float32, fwd, torch.compile(fullgraph=True), {resolution} px"]
+    for r in records:
+        base = eager.get(r["label"])
+        if r["status"] != "ok":
+            lines.append(f"- {r['label']}: {r['status']} ({str(r.get('error', '')).splitlines()[0][:120] if r.get('error') else ''})")
+            continue
+        than = (f", {base['latency_ms'] / r['latency_ms']:.2f}x eager's {base['latency_ms']:.2f} ms"
+                if base and base["status"] == "ok" else "")
+        lines.append(f"- {r['label']}: compiled {r['latency_ms']:.2f} ms (compile {r['compile_s']:.1f} s){than}")
+    return lines
 
 
 def run_lines(records: list[dict[str, Any]], resolutions: list[int], dtype: str, mode: str) -> list[str]:

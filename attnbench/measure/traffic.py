@@ -15,6 +15,8 @@ counts its eager ops, compiled or not.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -88,3 +90,72 @@ def bytes_by_module(call: Callable[[], Any], modules: dict[str, torch.nn.Module]
         for h in handles:
             h.remove()
     return counter.total, counter.by_part
+
+
+@dataclass
+class OpCost:
+    """One aten op kind's share of a call: calls, wall seconds, FLOPs and bytes moved."""
+
+    name: str
+    calls: int = 0
+    seconds: float = 0.0
+    flops: int = 0
+    bytes: int = 0
+
+    def bound_s(self, gemm_gflops: float, bandwidth_gbs: float) -> float:
+        """Its roofline time: the longer of its FLOPs at the GEMM rate and its bytes at the bandwidth."""
+        return max(self.flops / (gemm_gflops * 1e9), self.bytes / (bandwidth_gbs * 1e9))
+
+
+def _sdpa_cpu_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
+    """CPU flash SDPA, which torch's flop registry leaves out: q k^T and p v, 2 FLOPs a MAC."""
+    *batch, lq, d = q.shape
+    lk, dv = k.shape[-2], v.shape[-1]
+    n = 1
+    for b in batch:
+        n *= b
+    return 2 * n * lq * lk * (d + dv)
+
+
+def _linear_flops(x, weight, bias=None, out_val=None, **kwargs) -> int:
+    """aten.linear (seen whole in inference mode, where it is not decomposed): 2 FLOPs a MAC."""
+    return 2 * x.numel() // x.shape[-1] * weight.shape[0] * weight.shape[1]
+
+
+class OpTimer(ByteCounter):
+    """A :class:`ByteCounter` that also times each op (host wall clock: on the CPU, where an
+    op has finished when it returns) and counts its FLOPs by torch's flop formulas (matmuls,
+    convolutions, attention kernels; 0 for everything else), per op kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        aten = torch.ops.aten
+        # inference mode dispatches linear and SDPA whole; the CPU's flash kernel is not in the registry
+        self.formulas = {**flop_registry, aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+                         aten.scaled_dot_product_attention: _sdpa_cpu_flops, aten.linear: _linear_flops}
+        self.ops: dict[str, OpCost] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = self.total
+        start = time.perf_counter()
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        spent = time.perf_counter() - start
+        if func.is_view:
+            return out
+        cost = self.ops.setdefault(func.overloadpacket.__name__, OpCost(func.overloadpacket.__name__))
+        cost.calls += 1
+        cost.seconds += spent
+        cost.bytes += self.total - before
+        formula = self.formulas.get(func.overloadpacket)
+        if formula is not None:
+            cost.flops += int(formula(*args, **(kwargs or {}), out_val=out))
+        return out
+
+
+def op_costs(call: Callable[[], Any]) -> list[OpCost]:
+    """Each op kind of one call of ``call`` (on the CPU), the most time first."""
+    with OpTimer() as timer:
+        call()
+    return sorted(timer.ops.values(), key=lambda c: -c.seconds)

@@ -2,6 +2,7 @@
 devices, right bookkeeping. Real kernels and numbers need a GPU (bench gpu-check)."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -254,6 +255,9 @@ def test_gpu_check_on_cuda_writes_its_checks(forked, tmp_path):
         assert (out / part / "results.jsonl").exists(), part
     assert checks.count("32 px topk 4: fast") == checks.count("32 px topk 16: fast") == 4  # one per dtype and mode
     assert checks.count("x faster") == 8 and "CUDA" in checks
+    assert (out / "float32-fwd-compiled" / "results.jsonl").exists()
+    for spec in ("bra:n_win=8,topk=4", "bra:n_win=8,topk=16"):  # each against its eager float32 fwd case
+        assert re.search(rf"- {re.escape(spec)}: compiled [0-9.]+ ms \(compile [0-9.]+ s\), [0-9.]+x eager's", checks)
     assert result.exit_code == 0, result.output + checks
     assert "failed: nothing" in checks and "0.0% apart (ok: within max(5%, 8 MiB))" in checks
 

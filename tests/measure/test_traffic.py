@@ -45,3 +45,27 @@ def test_bytes_by_module_split_the_call_where_the_modules_run():
     assert parts == {"0": (32 + 4 * 16 + 16 * 32 + 4 * 32) * F32, "2": (8 + 4 * 32 + 32 * 8 + 4 * 8) * F32}
     assert total == parts["0"] + parts["2"] + 2 * 4 * 32 * F32  # and the ReLU between them
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # the hooks are gone afterwards
+
+
+def test_op_costs_time_each_op_kind_and_count_its_flops_as_fvcore_counts_macs():
+    from attnbench.measure import count_macs
+    from attnbench.measure.traffic import op_costs
+
+    module = build_attention("window:window_size=4", 32, 2)
+    x = torch.randn(1, 16, 16, 32)
+    with torch.inference_mode():
+        module(x)  # its shape's layout built, outside the counted calls
+        found = op_costs(lambda: module(x))
+    names = [c.name for c in found]
+    assert len(names) == len(set(names)) and {"linear", "scaled_dot_product_attention"} <= set(names)
+    assert all(c.calls >= 1 and c.seconds > 0 for c in found)
+    assert sum(c.flops for c in found) == 2 * count_macs(module, x).total  # 2 FLOPs a MAC, every MAC
+    with torch.inference_mode():
+        assert sum(c.bytes for c in found) == bytes_moved(lambda: module(x))
+
+
+def test_an_op_is_bound_by_the_longer_of_its_flops_and_its_bytes():
+    from attnbench.measure.traffic import OpCost
+
+    assert OpCost("mm", flops=200 * 10**9, bytes=10**9).bound_s(100.0, 10.0) == 2.0  # compute: 2 s against 0.1 s
+    assert OpCost("copy", flops=0, bytes=10**9).bound_s(100.0, 10.0) == 0.1
