@@ -67,6 +67,8 @@ def plot_roofline(points: pd.DataFrame, out: Path, title: str, svg: bool = True)
     for _, r in points.iterrows():
         ax.scatter(r["intensity"], r["gflops"], color=colours[labels.index(r["label"]) % 20],
                    marker=markers.get(r["group"], "o"), s=36, edgecolors="k", linewidths=0.4)
+        if len(points) <= 30 and (len(groups) == 1 or r["group"] == "whole network"):  # named where they are
+            ax.annotate(r["label"], (r["intensity"], r["gflops"]), fontsize=6, xytext=(4, -3), textcoords="offset points")
     for label in labels:  # legend entries: a colour per label, a marker per group
         ax.scatter([], [], color=colours[labels.index(label) % 20], marker="s", label=label)
     if len(groups) > 1:
