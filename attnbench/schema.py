@@ -256,7 +256,8 @@ class ModelResult:
     ms_conv_norm: float | None = None
     ms_other: float | None = None
     breakdown_ms: float | None = None
-    # bytes by component in one inference forward, and each component's roofline fraction
+    # bytes by component in one inference forward (other: its parts and every op outside a
+    # part, as ms_other), and each component's roofline fraction
     # (its forward FLOPs over its time by part, against the roof at its own intensity)
     bytes_attention: int | None = None
     bytes_mlp: int | None = None

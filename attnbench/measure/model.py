@@ -205,11 +205,14 @@ def _measure(case: ModelCase, budget_s: float, gemm_gflops: float | None) -> Mod
 
 
 def _bytes_by_component(model: torch.nn.Module, images: torch.Tensor, model_parts: list[Part]) -> dict[str, int]:
-    """bytes_<component>: what each component's parts move in one inference forward."""
-    _, by_part = bytes_by_module(_inference(model, images), {p.name: p.module for p in model_parts})
+    """bytes_<component>: what each component's parts move in one inference forward; ``other``
+    also holds the ops outside every part (residual adds, layout changes), as ``ms_other``
+    holds their time."""
+    total, by_part = bytes_by_module(_inference(model, images), {p.name: p.module for p in model_parts})
     out = {f"bytes_{c}": 0 for c in COMPONENTS}
     for p in model_parts:
         out[f"bytes_{p.component}"] += by_part.get(p.name, 0)
+    out["bytes_other"] = total - sum(v for k, v in out.items() if k != "bytes_other")
     return out
 
 

@@ -51,6 +51,11 @@ def test_a_model_case_reproduces_the_reference_count_and_its_parts_sum_to_it():
     assert all(getattr(r, f"ms_{c}") > 0 for c in COMPONENTS)
     assert sum(getattr(r, f"ms_{c}") for c in COMPONENTS) == pytest.approx(r.breakdown_ms)
     assert r.peak_mem_mb > 0 and r.runs >= 3
+    # the bytes by component: each part's, the ops outside every part in other; together the
+    # inference forward's, which the fwd case's bytes are
+    assert all(getattr(r, f"bytes_{c}") > 0 for c in COMPONENTS)
+    assert sum(getattr(r, f"bytes_{c}") for c in COMPONENTS) == r.bytes
+    assert r.intensity == pytest.approx(2 * r.macs / r.bytes)
 
 
 def test_the_parts_cover_every_module_that_computes_once():
