@@ -295,3 +295,24 @@ def test_bra_takes_regions_one_token_high_at_any_batch():
     x = torch.randn(3, 6, 8, 256)
     with torch.no_grad():
         assert torch.allclose(fast(x), official(x), atol=1e-5)
+
+
+def test_a_block_in_inference_takes_the_batch_in_chunks_and_computes_the_same():
+    from attnbench.backbones import layers
+
+    model = build_model("biformer_t").eval()
+    images = torch.randn(6, 3, 64, 64)
+    block = model.stages[0][0]
+    calls = []
+    block.attn.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.inference_mode():
+        whole = model(images)
+        per_image = layers.INFERENCE_CHUNK_BYTES // (16 * 16 * 64 * 4)  # a stage-1 input image is 16x16x64 fp32
+        original = layers.INFERENCE_CHUNK_BYTES
+        layers.INFERENCE_CHUNK_BYTES = 2 * 16 * 16 * 64 * 4  # two images a chunk
+        try:
+            chunked = model(images)
+        finally:
+            layers.INFERENCE_CHUNK_BYTES = original
+    assert per_image >= 6 and calls == [6, 2, 2, 2]  # whole at the default (6 fit), then three chunks of 2
+    assert torch.allclose(whole, chunked, atol=1e-5, rtol=0), (whole - chunked).abs().max()
