@@ -122,6 +122,11 @@ def _linear_flops(x, weight, bias=None, out_val=None, **kwargs) -> int:
     return 2 * x.numel() // x.shape[-1] * weight.shape[0] * weight.shape[1]
 
 
+def _matmul_flops(a, b, out_val=None, **kwargs) -> int:
+    """aten.matmul (whole in inference mode): 2 FLOPs a MAC, k = a's last dim, one per output element."""
+    return 2 * out_val.numel() * a.shape[-1]
+
+
 class OpTimer(ByteCounter):
     """A :class:`ByteCounter` that also times each op (host wall clock: on the CPU, where an
     op has finished when it returns) and counts its FLOPs by torch's flop formulas (matmuls,
@@ -132,9 +137,10 @@ class OpTimer(ByteCounter):
         from torch.utils.flop_counter import flop_registry
 
         aten = torch.ops.aten
-        # inference mode dispatches linear and SDPA whole; the CPU's flash kernel is not in the registry
+        # inference mode dispatches linear, matmul and SDPA whole; the CPU's flash kernel is not in the registry
         self.formulas = {**flop_registry, aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
-                         aten.scaled_dot_product_attention: _sdpa_cpu_flops, aten.linear: _linear_flops}
+                         aten.scaled_dot_product_attention: _sdpa_cpu_flops, aten.linear: _linear_flops,
+                         aten.matmul: _matmul_flops}
         self.ops: dict[str, OpCost] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

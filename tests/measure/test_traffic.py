@@ -69,3 +69,12 @@ def test_an_op_is_bound_by_the_longer_of_its_flops_and_its_bytes():
 
     assert OpCost("mm", flops=200 * 10**9, bytes=10**9).bound_s(100.0, 10.0) == 2.0  # compute: 2 s against 0.1 s
     assert OpCost("copy", flops=0, bytes=10**9).bound_s(100.0, 10.0) == 0.1
+
+
+def test_a_batched_matmul_seen_whole_counts_its_flops():
+    from attnbench.measure.traffic import op_costs
+
+    a, b = torch.randn(3, 5, 7), torch.randn(7, 4)
+    with torch.inference_mode():
+        (cost,) = [c for c in op_costs(lambda: torch.matmul(a, b)) if c.flops]
+    assert cost.flops == 2 * 3 * 5 * 4 * 7
