@@ -106,9 +106,9 @@ def plot_frontier(df: pd.DataFrame, out: Path, suffix: str = "") -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 6), layout="constrained")
     for _, r in at.iterrows():
         ax.scatter(r["peak_mem_mb"], r["latency_ms"], s=40)
-        ax.annotate(r["label"], (r["peak_mem_mb"], r["latency_ms"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    annotate_apart(ax, at["peak_mem_mb"], at["latency_ms"], list(at["label"]))
     ax.set_xlabel("peak memory (MiB)")
     ax.set_ylabel("latency (ms)")
     ax.grid(True, which="both", alpha=0.3)
@@ -119,6 +119,41 @@ def plot_frontier(df: pd.DataFrame, out: Path, suffix: str = "") -> list[Path]:
     side = int(at["height"].iloc[0])
     ax.set_title(_title(df, f"cost frontier at {res} px ({side}x{side} tokens)"), fontsize=10)
     return save_figure(fig, out, "frontier" + suffix)
+
+
+def label_heights(xs, ys, labels, xlim, ylim, gap: float = 0.028, char: float = 0.008) -> list[float]:
+    """Heights (data units) for labels written to the right of points on log-log axes with
+    these limits, each moved down just enough to clear those above it: in fractions of the
+    axes, a label is ``char`` wide a character and ``gap`` high."""
+    (x0, x1), (y0, y1) = np.log10(xlim), np.log10(ylim)
+    u = (np.log10(np.asarray(xs, float)) - x0) / (x1 - x0)
+    v = (np.log10(np.asarray(ys, float)) - y0) / (y1 - y0)
+    placed: list[tuple[float, float, float]] = []  # left, right, height of each placed label
+    heights = v.copy()
+    for i in np.argsort(-v, kind="stable"):
+        left, right, h = u[i], u[i] + char * len(str(labels[i])), v[i]
+        for _ in range(len(placed) + 1):
+            clash = [ph for pl, pr, ph in placed if left < pr and pl < right and abs(h - ph) < gap]
+            if not clash:
+                break
+            h = min(clash) - gap
+        heights[i] = h
+        placed.append((left, right, h))
+    return list(10 ** (y0 + heights * (y1 - y0)))
+
+
+def annotate_apart(ax, xs, ys, labels, fontsize: int = 7) -> None:
+    """Each label right of its point on log-log axes (call it once the axes hold everything
+    else), moved down off the labels above it, with a thin leader line where it moved."""
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()
+    heights = label_heights(xs, ys, labels, xlim, ylim)
+    for x, y, h, label in zip(xs, ys, heights, labels):
+        moved = abs(np.log10(h) - np.log10(y)) > 1e-6
+        ax.annotate(label, (x, y), xytext=(x * (xlim[1] / xlim[0]) ** 0.01, h), textcoords="data", fontsize=fontsize,
+                    va="center", arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if moved else None)
+    ax.set_xlim(xlim)
+    low = min(heights) / (ylim[1] / ylim[0]) ** 0.02  # room for a label moved below the lowest point
+    ax.set_ylim(min(ylim[0], low), ylim[1])
 
 
 def _numeric(values: list[str]) -> bool:

@@ -49,7 +49,7 @@ def network_points(df: pd.DataFrame) -> pd.DataFrame:
 def plot_roofline(points: pd.DataFrame, out: Path, title: str, svg: bool = True) -> list[Path]:
     """roofline.png: a point per row of ``points`` (colour by label, marker by group), and
     each machine's ceilings."""
-    from .plots import save_figure
+    from .plots import annotate_apart, save_figure
 
     if points.empty or (points := points.dropna(subset=["intensity", "gflops"])).empty:
         return []
@@ -67,8 +67,6 @@ def plot_roofline(points: pd.DataFrame, out: Path, title: str, svg: bool = True)
     for _, r in points.iterrows():
         ax.scatter(r["intensity"], r["gflops"], color=colours[labels.index(r["label"]) % 20],
                    marker=markers.get(r["group"], "o"), s=36, edgecolors="k", linewidths=0.4)
-        if len(points) <= 30 and (len(groups) == 1 or r["group"] == "whole network"):  # named where they are
-            ax.annotate(r["label"], (r["intensity"], r["gflops"]), fontsize=6, xytext=(4, -3), textcoords="offset points")
     for label in labels:  # legend entries: a colour per label, a marker per group
         ax.scatter([], [], color=colours[labels.index(label) % 20], marker="s", label=label)
     if len(groups) > 1:
@@ -76,6 +74,9 @@ def plot_roofline(points: pd.DataFrame, out: Path, title: str, svg: bool = True)
             ax.scatter([], [], color="white", edgecolors="k", marker=markers[group], label=group)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    named = points if len(groups) == 1 else points[points["group"] == "whole network"]
+    if len(points) <= 30:  # named where they are
+        annotate_apart(ax, named["intensity"], named["gflops"], list(named["label"]), fontsize=6)
     ax.set_xlabel("arithmetic intensity (FLOPs per byte its eager ops read and write)")
     ax.set_ylabel("achieved GFLOP/s")
     ax.grid(True, which="both", alpha=0.3)

@@ -66,3 +66,16 @@ def test_stamping_the_machine_places_a_network_and_its_components_on_its_rooflin
     assert result.bandwidth_gbs == BANDWIDTH and result.roofline_fraction == 0.5  # 20 of 40 at 1 FLOP/byte
     # attention: 2 GFLOP in 0.1 s = 20 GFLOP/s at 2 FLOP/byte, under a roof of 80
     assert math.isclose(result.roofline_attention, 0.25) and result.roofline_mlp is None
+
+
+def test_labels_that_would_overlap_are_moved_apart_and_the_others_stay():
+    from attnbench.report.plots import label_heights
+
+    xlim, ylim = (1.0, 1e4), (1.0, 1e3)
+    # two points at the same spot, one far to the right at the same height, one far below
+    xs, ys, labels = [10.0, 10.0, 5e3, 10.0], [100.0, 100.0, 100.0, 2.0], ["a point", "b point", "c", "d point"]
+    heights = label_heights(xs, ys, labels, xlim, ylim, gap=0.03)
+    assert heights[0] == pytest.approx(100.0)
+    assert math.log10(heights[0] / heights[1]) / 3 == pytest.approx(0.03)  # one gap below, in axes fractions
+    assert heights[2] == pytest.approx(100.0)  # its label clears the others sideways
+    assert heights[3] == pytest.approx(2.0)
