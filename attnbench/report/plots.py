@@ -145,6 +145,8 @@ def label_heights(xs, ys, labels, xlim, ylim, gap: float = 0.028, char: float = 
 def annotate_apart(ax, xs, ys, labels, fontsize: int = 7) -> None:
     """Each label right of its point on log-log axes (call it once the axes hold everything
     else), moved down off the labels above it, with a thin leader line where it moved."""
+    if not len(labels):
+        return
     xlim, ylim = ax.get_xlim(), ax.get_ylim()
     heights = label_heights(xs, ys, labels, xlim, ylim)
     for x, y, h, label in zip(xs, ys, heights, labels):

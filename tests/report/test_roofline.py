@@ -79,3 +79,8 @@ def test_labels_that_would_overlap_are_moved_apart_and_the_others_stay():
     assert math.log10(heights[0] / heights[1]) / 3 == pytest.approx(0.03)  # one gap below, in axes fractions
     assert heights[2] == pytest.approx(100.0)  # its label clears the others sideways
     assert heights[3] == pytest.approx(2.0)
+
+
+def test_a_plot_of_layers_at_two_resolutions_draws(tmp_path):
+    df = pd.DataFrame([_layer("full", 64, 50.0, 100.0), _layer("full", 128, 60.0, 120.0)])
+    assert [p.name for p in plot_roofline(layer_points(df), tmp_path, "t", svg=False)] == ["roofline.png"]
