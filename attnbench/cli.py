@@ -509,7 +509,7 @@ def profile_command(
 ) -> None:
     """Time the stages of one mechanism (for BRA: projections, routing, gather, token attention, lepe, output),
     in a process of its own under a memory bound and a timeout."""
-    from .measure.profile import profile_request
+    from .sweep.profile import profile_request
 
     load_plugin_options(plugin)
     options = {k: v for k, v in ctx.params.items() if k not in ("plugin", "spec", "resolution")}

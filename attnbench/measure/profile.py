@@ -83,29 +83,3 @@ def profile_case(case, runs: int = 3) -> tuple[list[StageTime], float]:
         step = make_step(*build_case(case), case.mode)
         step()
         return profile_stages(step, runs, check_device(case.device, case.dtype))
-
-
-def profile_request(spec: str, resolution: int = 1024, *, stride: int = 4, dim: int = 64, heads: int = 2,
-                    batch: int = 1, dtype: str = "float32", mode: str = "fwd", device: str = "auto", runs: int = 3,
-                    mem_limit: str | int | None = None, timeout: float = 600.0) -> tuple[Any, list[StageTime], float]:
-    """`bench profile` as a library call: the case checked (refused where its estimated peak is
-    over the bound), then profiled in a bounded process; (the case, its stages, ms per call)."""
-    from ..errors import UsageError, usage_errors
-    from ..sweep.plan import memory_bound, resolve_device
-    from .case import Case, check_case, estimate_peak_bytes
-    from .isolate import bounded_value
-
-    with usage_errors():
-        device = resolve_device(device)
-        case = Case(spec, resolution, stride=stride, dim=dim, heads=heads, batch=batch, dtype=dtype, mode=mode,
-                    device=device)
-        check_case(case)
-        if runs < 1:
-            raise UsageError(f"--runs {runs} must be >= 1")
-        bound = memory_bound(mem_limit, timeout, device)
-        need = estimate_peak_bytes(case)
-        if need > bound:
-            raise UsageError(f"{spec} on {case.height}x{case.width} tokens needs about {need / 2**30:.1f} GiB "
-                             f"(estimated), over the {bound / 2**30:.1f} GiB bound; use a smaller --resolution")
-    stages, total = bounded_value(profile_case, (case, runs), spec, bound, timeout, device)
-    return case, stages, total

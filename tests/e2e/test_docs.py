@@ -143,6 +143,19 @@ def test_no_import_circles():
     assert not everywhere["attnbench.backbones.registry"] & {f"attnbench.backbones.{m}" for m in ("biformer", "stl", "swin")}
 
 
+def test_dependencies_run_one_way():
+    """The mechanisms know nothing of measuring; measuring knows nothing of the sweep, the
+    reports or the command line (in function bodies too)."""
+    everywhere = _module_imports(anywhere=True)
+    above = {"attention": ("measure", "sweep", "report", "executors", "cli"),
+             "measure": ("sweep", "report", "executors", "cli")}
+    wrong = {(name, dep) for name, deps in everywhere.items() for layer, banned in above.items()
+             if name.startswith(f"attnbench.{layer}") for dep in deps
+             if any(dep == f"attnbench.{b}" or dep.startswith(f"attnbench.{b}.") for b in banned)}
+    assert wrong == set()
+    assert any(n.startswith("attnbench.measure.") for n in everywhere)
+
+
 def test_the_code_passes_ruff():
     """The lint rules of pyproject.toml ([tool.ruff]) hold for the package, tests, benchmarks and examples."""
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "attnbench", "tests", "benchmarks", "examples",
