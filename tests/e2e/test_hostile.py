@@ -3,6 +3,7 @@ nonsensical bounds, a killed run. Each must end in a clear message or a clean st
 never a machine brought down or a process left running."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -235,13 +236,13 @@ def test_a_garbage_line_inside_the_results_is_an_error_naming_it(tmp_path):
 def test_the_results_table_fits_80_columns_when_piped(tmp_path, monkeypatch):
     out = tmp_path / "o"
     assert bench("run", *TINY, "-m", "bra:n_win=2,topk=2,impl=gather", "--out", out).exit_code == 0
-    for width in ("80", "200"):
+    for width in ("80", "240"):
         shown = subprocess.run([sys.executable, "-c", "from attnbench.cli import app; app()", "plot", str(out)],
                                capture_output=True, text=True, env={**os.environ, "COLUMNS": width}, timeout=120)
         assert shown.returncode == 0, shown.stderr
         widest = max(len(line) for line in shown.stdout.splitlines())
         assert widest <= int(width), (width, widest)
-        assert ("speed-up vs baseline impl" in shown.stdout) == (width == "200")  # all columns when there is room
+        assert ("speed-up vs baseline impl" in shown.stdout) == (width == "240")  # all columns when there is room
 
 
 def swin_checkpoint(path, dim=64, heads=2, drop=()):
@@ -320,12 +321,14 @@ def test_gpu_check_dry_run_on_the_cpu_and_it_never_reuses_a_folder(tmp_path, mon
 
     # the topk 4 comparison only: each run writes its plots, and a bfloat16 case is slow on a CPU without AVX-512
     monkeypatch.setattr(gc, "METHODS", ["full", "bra:n_win=8,topk=4", "bra:n_win=8,topk=4,impl=gather"])
+    monkeypatch.setattr(gc, "COMPILED_METHODS", ["bra:n_win=8,topk=4"])
     out = tmp_path / "check"
     result = bench("gpu-check", "--device", "cpu", "-r", "64", "--budget", "0.02", "--out", out)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["bfloat16-fwd", "bfloat16-fwdbwd", "checks.md", "float32-fwd",
-                                                     "float32-fwdbwd"]
+                                                     "float32-fwd-compiled", "float32-fwdbwd"]
     checks = (out / "checks.md").read_text()
+    assert re.search(r"- bra:n_win=8,topk=4: compiled [0-9.]+ ms \(compile [0-9.]+ s\), [0-9.]+x eager's", checks)
     assert checks.count("topk 4: fast") == 4 and checks.count("x faster") == 4  # one ratio per dtype and mode
     assert "faster than fused full attention" in checks and "failed: nothing" in checks
     again = bench("gpu-check", "--device", "cpu", "-r", "64", "--out", out)
