@@ -31,3 +31,11 @@ def intensity(flops: Any, moved: Any) -> float | None:
     if not isinstance(flops, (int, float)) or not isinstance(moved, (int, float)) or moved <= 0:
         return None
     return flops / moved
+
+
+def component_point(macs: Any, ms: Any, moved: Any) -> tuple[float | None, float | None]:
+    """A network component's point: its forward's achieved GFLOP/s (2 x MACs over its measured
+    ms) and its intensity (2 x MACs over its bytes); (None, None) without MACs or time."""
+    if not macs or not ms:
+        return None, None
+    return 2 * macs / (ms * 1e-3) / 1e9, intensity(2 * macs, moved)

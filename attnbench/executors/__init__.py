@@ -114,10 +114,8 @@ def place_on_roofline(result: Any) -> None:
     ceilings = result.gemm_gflops, result.bandwidth_gbs
     result.roofline_fraction = roofline.fraction(result.gflops, result.intensity, *ceilings)
     for c in COMPONENTS if hasattr(result, "roofline_attention") else ():
-        macs, ms, moved = (getattr(result, f"{what}_{c}") for what in ("macs", "ms", "bytes"))
-        gflops = 2 * macs / (ms * 1e-3) / 1e9 if macs and ms else None
-        setattr(result, f"roofline_{c}", roofline.fraction(gflops, roofline.intensity(2 * macs if macs else None,
-                                                                                        moved), *ceilings))
+        gflops, at = roofline.component_point(*(getattr(result, f"{what}_{c}") for what in ("macs", "ms", "bytes")))
+        setattr(result, f"roofline_{c}", roofline.fraction(gflops, at, *ceilings))
 
 
 def combined_environment(nodes: list[dict[str, Any]], executor: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ..roofline import attainable_gflops, intensity, ridge  # noqa: E402
+from ..roofline import attainable_gflops, component_point, ridge  # noqa: E402
 from ..schema import COMPONENTS  # noqa: E402
 
 
@@ -41,8 +41,8 @@ def network_points(df: pd.DataFrame) -> pd.DataFrame:
         for c in COMPONENTS:
             macs, ms, moved = r.get(f"macs_{c}"), r.get(f"ms_{c}"), r.get(f"bytes_{c}")
             if pd.notna(macs) and pd.notna(ms) and pd.notna(moved) and macs > 0 and ms > 0:
-                rows.append(dict(label=name, group=c, intensity=intensity(2 * macs, moved),
-                                 gflops=2 * macs / (ms * 1e-3) / 1e9, **ceilings))
+                gflops, at = component_point(macs, ms, moved)
+                rows.append(dict(label=name, group=c, intensity=at, gflops=gflops, **ceilings))
     return pd.DataFrame(rows)
 
 
